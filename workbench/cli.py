@@ -1,0 +1,52 @@
+"""``workbench`` command line. Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; heavy imports (torch, composer) happen inside ``run`` so ``--help`` is fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+COMMANDS = {
+    "prep": ("workbench.commands.prep", "turn a text corpus into Streaming MDS shards with an exact unique-token budget"),
+    "train": ("workbench.commands.train", "train one model from a run YAML"),
+    "eval": ("workbench.evaluation.cli", "zero-shot downstream evaluation of a checkpoint"),
+    "generate": ("workbench.evaluation.generate", "sample text from an AR or masked-diffusion checkpoint"),
+    "ablate": ("workbench.ablate", "expand and run an ablation YAML (resumable)"),
+    "report": ("workbench.analysis", "tables and figures for a results folder"),
+    "tune": ("workbench.tune", "Optuna study over regularization strengths"),
+    "bench": ("workbench.bench", "throughput: plain PyTorch loop vs. the workbench trainer"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="workbench", description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", help="data folder (default: $WORKBENCH_DATA or ../shared/data)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    modules = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name is None or not module_name.startswith(err.name):  # TODO(remove once all exist)
+                raise
+            continue
+        modules[name] = module
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    if args.data_dir:
+        os.environ["WORKBENCH_DATA"] = os.path.abspath(args.data_dir)
+    from datasets_prep.corpus import CorpusError
+    from workbench.config import ConfigError
+    from workbench.train import RunExistsError
+
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except (ConfigError, CorpusError, RunExistsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

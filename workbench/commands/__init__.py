@@ -1,0 +1,1 @@
+"""Subcommands of the ``workbench`` CLI that are thin wrappers over library functions."""

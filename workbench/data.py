@@ -1,0 +1,53 @@
+"""Streaming data loaders over prepared MDS shards.
+
+Each sample carries its index in the dataset, so estimators that need per-sequence noise (the fixed
+validation NELBO) are independent of batch size and order. Loaders own a torch.Generator: creating an
+iterator then never draws from the global RNG, which would otherwise make a run resumed mid-epoch diverge.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from composer.core import DataSpec
+from composer.utils import dist
+from streaming import StreamingDataLoader, StreamingDataset
+
+
+class TokenShards(StreamingDataset):
+    """MDS shards of fixed-length token sequences -> ``{"tokens": int64 (L,), "index": int}``."""
+
+    def get_item(self, idx: int) -> dict[str, Any]:
+        return {"tokens": super().get_item(idx)["tokens"], "index": idx}
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    return {"tokens": torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64)),
+            "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64)}
+
+
+def tokens_in_batch(batch: dict[str, torch.Tensor]) -> int:
+    return batch["tokens"].numel()
+
+
+def sequences_in_batch(batch: dict[str, torch.Tensor]) -> int:
+    return batch["tokens"].shape[0]
+
+
+def build_loader(path: str | Path, global_batch_size: int, shuffle: bool, seed: int,
+                 num_workers: int = 0) -> DataSpec:
+    """A Composer DataSpec over shards in ``path``; the global batch is split over ranks. The last batch of an
+    epoch may be short, so one epoch is exactly one pass over the unique tokens."""
+    world = dist.get_world_size()
+    if global_batch_size % world:
+        raise ValueError(f"data.batch_size {global_batch_size} is not divisible by the {world} devices")
+    per_rank = global_batch_size // world
+    dataset = TokenShards(local=str(path), shuffle=shuffle, shuffle_seed=seed, batch_size=per_rank,
+                          allow_unsafe_types=False)
+    loader = StreamingDataLoader(dataset, batch_size=per_rank, collate_fn=collate, num_workers=num_workers,
+                                 drop_last=False, persistent_workers=num_workers > 0,
+                                 generator=torch.Generator().manual_seed(seed))
+    return DataSpec(loader, get_num_tokens_in_batch=tokens_in_batch, get_num_samples_in_batch=sequences_in_batch)

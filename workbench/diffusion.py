@@ -1,0 +1,206 @@
+"""Masked (absorbing-state) diffusion: time samplers, masking, the training loss and a fixed NELBO estimator.
+
+The objective is MDLM's continuous-time NELBO with the linear schedule alpha_t = 1 - t (Sahoo et al. 2024,
+eq. 10): -log p(x) <= E_{t~U(0,1)} E_{x_t~q(.|x, t)} [ (1/t) * sum_{i: x_t^i = MASK} -log p_theta(x^i | x_t) ].
+Exact-count masking (k = ceil(n t) of n positions) gives the discrete any-order form with weight n/k
+(Ou et al. 2024, RADD eq. 7; Nie et al. 2024, SMDM). A non-uniform time density pi(t) is importance-corrected
+(``elbo`` weighting, weight / pi(t)) so the loss stays an unbiased NELBO estimate, or used as-is (``sampled``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from workbench.config import DiffusionConfig, TimeSamplerConfig
+
+# --------------------------------------------------------------------------------------------------------------
+# time samplers: each returns t in [eps, 1] per sequence and the density pi(t) it was drawn from
+
+
+def _base_density(sampler: TimeSamplerConfig, s: torch.Tensor) -> torch.Tensor:
+    """Density on (0, 1) of the sampler's base variable s (before the affine map to [eps, 1])."""
+    if sampler.name in ("uniform", "antithetic", "stratified"):
+        return torch.ones_like(s)
+    if sampler.name == "beta":
+        a, b = sampler.a, sampler.b
+        log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+        return torch.exp((a - 1) * torch.log(s) + (b - 1) * torch.log1p(-s) - log_beta)
+    if sampler.name == "logit_normal":  # s = sigmoid(mu + sigma z): N(logit s; mu, sigma) / (s (1 - s))
+        z = (torch.logit(s) - sampler.mu) / sampler.sigma
+        return torch.exp(-0.5 * z**2) / (sampler.sigma * math.sqrt(2 * math.pi) * s * (1 - s))
+    if sampler.name == "truncated_normal":  # N(mu, sigma) restricted to [0, 1] and renormalised
+        mass = _ndtr((1 - sampler.mu) / sampler.sigma) - _ndtr(-sampler.mu / sampler.sigma)
+        z = (s - sampler.mu) / sampler.sigma
+        return torch.exp(-0.5 * z**2) / (sampler.sigma * math.sqrt(2 * math.pi) * mass)
+    raise ValueError(f"unknown time sampler {sampler.name!r}")
+
+
+def _ndtr(x: float) -> float:
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def _sample_base(sampler: TimeSamplerConfig, n: int, device, generator=None) -> torch.Tensor:
+    def rand(*shape):
+        return torch.rand(*shape, device=device, generator=generator)
+
+    if sampler.name == "uniform":
+        return rand(n)
+    if sampler.name == "antithetic":  # MDLM's low-discrepancy sampler: evenly spaced with one random offset
+        return (rand(1) + torch.arange(n, device=device) / n) % 1.0
+    if sampler.name == "stratified":
+        return (torch.arange(n, device=device) + rand(n)) / n
+    if sampler.name == "beta":
+        gamma_a = torch._standard_gamma(torch.full((n,), sampler.a, device=device))
+        gamma_b = torch._standard_gamma(torch.full((n,), sampler.b, device=device))
+        return gamma_a / (gamma_a + gamma_b)
+    if sampler.name == "logit_normal":
+        return torch.sigmoid(sampler.mu + sampler.sigma * torch.randn(n, device=device, generator=generator))
+    if sampler.name == "truncated_normal":  # inverse CDF on the truncated interval
+        lo, hi = _ndtr(-sampler.mu / sampler.sigma), _ndtr((1 - sampler.mu) / sampler.sigma)
+        return sampler.mu + sampler.sigma * torch.special.ndtri(lo + (hi - lo) * rand(n))
+    raise ValueError(f"unknown time sampler {sampler.name!r}")
+
+
+def sample_times(sampler: TimeSamplerConfig, n: int, eps: float, device="cpu",
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw n diffusion times t = eps + (1 - eps) s, s ~ sampler, and their density pi(t) on [eps, 1]."""
+    tiny = torch.finfo(torch.float32).eps
+    s = _sample_base(sampler, n, device, generator).clamp(tiny, 1 - tiny)
+    t = eps + (1 - eps) * s
+    return t, _base_density(sampler, s) / (1 - eps)
+
+
+def time_density(sampler: TimeSamplerConfig, t: torch.Tensor, eps: float) -> torch.Tensor:
+    """pi(t) of :func:`sample_times` evaluated at given t in (eps, 1)."""
+    return _base_density(sampler, (t - eps) / (1 - eps)) / (1 - eps)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# masking
+
+
+def mask_positions(t: torch.Tensor, maskable: torch.Tensor, mode: str = "bernoulli",
+                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose positions to mask, per sequence at rate t.
+
+    ``bernoulli``: each maskable position independently with probability t. ``exact``: exactly
+    k = clamp(ceil(n t), 1, n) of the n maskable positions. Returns (mask (B, L) bool, per-sequence weight):
+    1/t for bernoulli, n/k for exact (the ELBO weight before any time-density correction).
+    ``noise`` (B, L) in [0, 1) replaces fresh uniform noise (used by the fixed estimators)."""
+    if noise is None:
+        noise = torch.rand(maskable.shape, device=maskable.device)
+    if mode == "bernoulli":
+        return (noise < t[:, None]) & maskable, 1.0 / t
+    if mode == "exact":
+        n = maskable.sum(dim=1)
+        k = torch.clamp(torch.ceil(n * t), min=1).minimum(n.clamp(min=1))
+        scores = noise.masked_fill(~maskable, 2.0)  # unmaskable positions rank last
+        ranks = scores.argsort(dim=1).argsort(dim=1)
+        return (ranks < k[:, None]) & maskable, n.clamp(min=1) / k
+    raise ValueError(f"unknown masking mode {mode!r}; allowed: bernoulli, exact")
+
+
+def maskable_positions(tokens: torch.Tensor, shifted: bool) -> torch.Tensor:
+    """Positions that may be masked: all, except position 0 under the shifted parameterisation (nothing
+    predicts it, it is the always-visible anchor)."""
+    maskable = torch.ones_like(tokens, dtype=torch.bool)
+    if shifted:
+        maskable[:, 0] = False
+    return maskable
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the loss
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position negative log-likelihood in fp32, shape of ``targets``."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction="none").view(targets.shape)
+
+
+def masked_predictions(net, x_t: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor, mask_id: int,
+                       shifted: bool, subs: bool, attn_mask: torch.Tensor | None = None):
+    """Run the denoiser bidirectionally on x_t; return (nll, loss_mask, logits) aligned on predicted tokens.
+
+    Unshifted: position i predicts x^i. Shifted: position i predicts x^{i+1} (one head serves AR and MDM).
+    SUBS (MDLM sec. 3.2): the mask token's logit is -inf and unmasked positions carry no loss."""
+    logits = net(x_t, causal=False, attn_mask=attn_mask)
+    if subs:
+        logits[..., mask_id] = float("-inf")
+    if shifted:
+        logits, targets, loss_mask = logits[:, :-1], tokens[:, 1:], mask[:, 1:]
+    else:
+        targets, loss_mask = tokens, mask
+    return token_nll(logits, targets), loss_mask, logits
+
+
+def mdm_loss(net, tokens: torch.Tensor, cfg: DiffusionConfig, mask_id: int,
+             t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """MDLM training loss, in nats per predicted token (an unbiased NELBO estimate with ``elbo`` weighting):
+
+        loss = sum_b w_b * sum_{i masked in b} -log p(x_b^i | x_t,b)  /  sum_b n_b
+        w_b  = 1/t_b (bernoulli) or n_b/k_b (exact), divided by pi(t_b) under ``elbo`` weighting.
+    """
+    batch = tokens.shape[0]
+    pi_t = None
+    if t is None:
+        t, pi_t = sample_times(cfg.time_sampler, batch, cfg.eps, tokens.device)
+    maskable = maskable_positions(tokens, bool(cfg.shifted))
+    mask, elbo_weight = mask_positions(t, maskable, cfg.masking)
+    x_t = tokens.masked_fill(mask, mask_id)
+    nll, loss_mask, logits = masked_predictions(net, x_t, mask, tokens, mask_id, bool(cfg.shifted), cfg.subs)
+    weight = elbo_weight
+    if cfg.weighting == "elbo" and pi_t is not None:
+        weight = weight / pi_t  # importance correction: E_{t~pi}[f(t)/pi(t)] = integral of f over [eps, 1]
+    per_sequence = (nll * loss_mask).sum(dim=1)
+    loss = (weight * per_sequence).sum() / maskable.sum()
+    return {"loss": loss, "logits": logits, "loss_mask": loss_mask, "mask_rate": mask.float().mean()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# a fixed estimator for validation: identical masks for every run, batch size and order
+
+
+def hash_uniform(*keys: torch.Tensor | int) -> torch.Tensor:
+    """Deterministic uniform [0, 1) noise from integer keys (broadcast), identical on CPU and GPU."""
+
+    def mix(x: torch.Tensor) -> torch.Tensor:  # 32-bit integer finaliser (Mueller's hash), in int64 without overflow
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+        return (x >> 16) ^ x
+
+    state = None
+    for i, key in enumerate(keys):
+        key_t = torch.as_tensor(key, dtype=torch.int64)
+        value = mix((key_t + 0x9E3779B9 * (i + 1)) & 0xFFFFFFFF)
+        state = value if state is None else mix(state ^ value)
+    assert state is not None
+    return state.to(torch.float64).div(2**32).float()
+
+
+@torch.no_grad()
+def nelbo_fixed(net, tokens: torch.Tensor, index: torch.Tensor, samples: int, mask_id: int, shifted: bool,
+                subs: bool = True, eps: float = 1e-3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence NELBO (sum over tokens, nats) with K stratified times and hashed masks, and token counts.
+
+    t_k = eps + (1 - eps) (k + u_k) / K with u_k hashed from (seed, sequence index, k): stratified, unbiased
+    for each sequence, and identical across runs, batch sizes and orders, so curves of different runs are
+    comparable. One forward pass of B rows per k."""
+    length = tokens.shape[1]
+    device = tokens.device
+    seq = index.to(device).long()
+    positions = torch.arange(length, device=device)
+    maskable = maskable_positions(tokens, shifted)
+    total = torch.zeros(tokens.shape[0], device=device)
+    for k in range(samples):
+        offset = hash_uniform(seed, seq, k).to(device)
+        t = eps + (1 - eps) * (k + offset) / samples
+        noise = hash_uniform(seed + 1, seq[:, None], k, positions[None, :]).to(device)
+        mask, weight = mask_positions(t, maskable, "bernoulli", noise)
+        nll, loss_mask, _ = masked_predictions(net, tokens.masked_fill(mask, mask_id), mask, tokens, mask_id,
+                                               shifted, subs)
+        total += weight * (nll * loss_mask).sum(dim=1)
+    return total / samples, maskable.sum(dim=1).float()

@@ -1,0 +1,126 @@
+"""The one results writer and reader: a run folder holds ``config.yaml``, ``metrics.parquet`` (tidy rows),
+``summary.json`` and a git-ignored ``checkpoints/`` folder.
+
+metrics.parquet schema, one row per (step, split, metric):
+    run str | step int64 | epoch float64 (tokens_seen / unique_tokens) | tokens_seen int64 | unique_tokens int64
+    | split str (train, val, or a task name) | metric str | value float64 | wall_time float64 (s, across resumes)
+The file's key-value metadata holds the resolved config (``workbench.config``) and the active algorithms
+(``workbench.algorithms``) as JSON. Every write replaces the file atomically (temp file + rename) with all
+rows so far, so a kill never loses rows already written nor leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = {
+    "run": pl.String, "step": pl.Int64, "epoch": pl.Float64, "tokens_seen": pl.Int64, "unique_tokens": pl.Int64,
+    "split": pl.String, "metric": pl.String, "value": pl.Float64, "wall_time": pl.Float64,
+}
+METRICS_FILE, SUMMARY_FILE, CONFIG_FILE, CHECKPOINTS = "metrics.parquet", "summary.json", "config.yaml", "checkpoints"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+class MetricsWriter:
+    """Collects tidy metric rows for one run and rewrites ``metrics.parquet`` atomically on every flush."""
+
+    def __init__(self, run_dir: str | Path, metadata: dict[str, Any]):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.metadata = {key: json.dumps(value, default=str) for key, value in metadata.items()}
+        self.rows: list[dict[str, Any]] = []
+        if self.path.exists():
+            existing = read_metrics(self.path)
+            self.rows = existing.to_dicts() if existing is not None else []
+        self._dirty = False
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows after ``step`` (a resumed run recomputes them from its checkpoint)."""
+        self.rows = [row for row in self.rows if row["step"] <= step]
+        self._dirty = True
+
+    def has(self, split: str, metric: str) -> bool:
+        return any(row["split"] == split and row["metric"] == metric for row in self.rows)
+
+    @property
+    def last_wall_time(self) -> float:
+        return max((row["wall_time"] for row in self.rows), default=0.0)
+
+    def add(self, **row: Any) -> None:
+        self.rows.append({key: row[key] for key in SCHEMA})
+        self._dirty = True
+
+    def frame(self) -> pl.DataFrame:
+        return pl.DataFrame(self.rows, schema=SCHEMA, orient="row")
+
+    def flush(self) -> None:
+        if not self._dirty:
+            return
+        table = self.frame().to_arrow()
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.metadata})
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        atomic_write_bytes(self.path, sink.getvalue().to_pybytes())
+        self._dirty = False
+
+
+def read_metrics(path: str | Path) -> pl.DataFrame | None:
+    """Read a metrics file; a missing, truncated or corrupted file gives a warning naming it and None."""
+    path = Path(path)
+    try:
+        frame = pl.read_parquet(path)
+    except Exception as err:  # half-written or corrupted file from a killed process
+        warnings.warn(f"{path}: unreadable metrics file skipped ({type(err).__name__}: {err})", stacklevel=2)
+        return None
+    missing = [column for column in SCHEMA if column not in frame.columns]
+    if missing:
+        warnings.warn(f"{path}: metrics file lacks columns {missing}; skipped", stacklevel=2)
+        return None
+    return frame.select([pl.col(name).cast(dtype) for name, dtype in SCHEMA.items()])
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata stored in a metrics file (config, algorithms)."""
+    raw = pq.read_schema(path).metadata or {}
+    out = {}
+    for key, value in raw.items():
+        name = key.decode()
+        if name.startswith("workbench."):
+            out[name.removeprefix("workbench.")] = json.loads(value)
+    return out
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def write_summary(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
+    """Merge ``fields`` into the run's summary.json (status, tokens, best metrics, timings...)."""
+    path = Path(run_dir) / SUMMARY_FILE
+    summary = read_summary(run_dir) or {}
+    summary.update(fields)
+    write_json(path, summary)
+    return summary

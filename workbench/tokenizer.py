@@ -1,0 +1,123 @@
+"""Tokenizers from local files (GPT-2 BPE, BERT WordPiece) or a small byte-level BPE trained on the corpus.
+
+Every tokenizer has an end-of-document id (EOS, joins packed documents) and a dedicated mask id reserved
+for masked diffusion and input-token masking; neither occurs inside encoded text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+from tokenizers.implementations import BertWordPieceTokenizer, ByteLevelBPETokenizer
+
+from workbench.config import TokenizerConfig
+from workbench.paths import expand, prepared_dir
+
+EOS = "<|endoftext|>"
+MASK = "<|mask|>"
+
+
+@dataclass
+class TextTokenizer:
+    tokenizer: Tokenizer
+    kind: str
+    eos_id: int
+    mask_id: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()
+
+    @property
+    def token_dtype(self) -> str:
+        return "uint16" if self.vocab_size <= 65536 else "uint32"
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [enc.ids for enc in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.tokenizer.to_str())
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "sha256": self.sha256, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
+                "mask_id": self.mask_id}
+
+
+def from_tokenizer_json(path: str | Path, kind: str = "saved") -> TextTokenizer:
+    """Load a tokenizer saved by :meth:`TextTokenizer.save` (EOS and mask are added tokens)."""
+    tok = Tokenizer.from_file(str(path))
+    eos, mask = _special_ids(tok)
+    return TextTokenizer(tok, kind, eos, mask)
+
+
+def _special_ids(tok: Tokenizer) -> tuple[int, int]:
+    eos = tok.token_to_id(EOS)
+    if eos is None:
+        eos = tok.token_to_id("[SEP]")
+    mask = tok.token_to_id(MASK)
+    if mask is None:
+        mask = tok.token_to_id("[MASK]")
+    if eos is None or mask is None:
+        raise ValueError("tokenizer has no end-of-document or mask token")
+    return eos, mask
+
+
+def load_tokenizer(cfg: TokenizerConfig, training_texts: Iterable[str] | None = None) -> TextTokenizer:
+    """Build the tokenizer a config names. ``bpe`` needs ``training_texts`` unless a cached copy exists."""
+    if cfg.kind == "gpt2":
+        folder = Path(expand(cfg.path))
+        vocab, merges = folder / "encoder.json", folder / "vocab.bpe"
+        for required in (vocab, merges):
+            if not required.is_file():
+                raise FileNotFoundError(f"tokenizer.path: GPT-2 tokenizer file {required} not found "
+                                        "(expected encoder.json and vocab.bpe)")
+        tok = ByteLevelBPETokenizer.from_file(str(vocab), str(merges))
+        tok.add_special_tokens([EOS, MASK])  # EOS already exists (id 50256); MASK becomes 50257
+        return TextTokenizer(tok._tokenizer, "gpt2", tok.token_to_id(EOS), tok.token_to_id(MASK))
+    if cfg.kind == "bert":
+        vocab = Path(expand(cfg.path))
+        vocab = vocab / "vocab.txt" if vocab.is_dir() else vocab
+        if not vocab.is_file():
+            raise FileNotFoundError(f"tokenizer.path: BERT vocabulary {vocab} not found")
+        tok = BertWordPieceTokenizer(str(vocab), lowercase=True)
+        return TextTokenizer(tok._tokenizer, "bert", tok.token_to_id("[SEP]"), tok.token_to_id("[MASK]"))
+    if training_texts is None:
+        raise ValueError("a bpe tokenizer is trained on the corpus; pass training_texts")
+    return train_bpe(training_texts, cfg.vocab_size)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> TextTokenizer:
+    """Train a byte-level BPE; EOS is id 0 and the mask token id 1."""
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, MASK],
+                            show_progress=False)
+    return TextTokenizer(tok._tokenizer, "bpe", tok.token_to_id(EOS), tok.token_to_id(MASK))
+
+
+def cached_bpe(key: dict, texts_factory, vocab_size: int) -> TextTokenizer:
+    """Train a BPE once per ``key`` (corpus files, documents, vocab size) and reuse it from the cache."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = prepared_dir() / "tokenizers" / f"bpe{vocab_size}-{digest}.json"
+    if path.is_file():
+        return from_tokenizer_json(path, "bpe")
+    tokenizer = train_bpe(texts_factory(), vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tokenizer.save(tmp)
+    tmp.replace(path)
+    return tokenizer

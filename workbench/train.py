@@ -1,0 +1,285 @@
+"""The one place a run config becomes Composer objects, and the training entry point every path uses
+(``workbench train``, ablations, Optuna trials)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workbench.config import ConfigError, RunConfig, dump_config
+from workbench.paths import results_dir
+from workbench.results import CHECKPOINTS, CONFIG_FILE, MetricsWriter, read_summary, write_summary
+
+LATEST_CHECKPOINT = "latest-rank0.pt"
+
+
+class RunExistsError(RuntimeError):
+    """A run folder already holds a different config, or a run that was not asked to resume."""
+
+
+@dataclass
+class BuiltRun:
+    trainer: Any
+    model: Any
+    prepared: Any
+    run_dir: Path
+
+
+def active_algorithms(config: RunConfig) -> dict[str, Any]:
+    """Objective and regularizers with their strengths, as stored in the run's metadata."""
+    active: dict[str, Any] = {"objective": {"name": config.objective.name, "z_loss": config.objective.z_loss}}
+    for section in ("diffusion", "dual", "prefix_lm"):
+        value = getattr(config.objective, section)
+        if value is not None:
+            active["objective"][section] = value.__dict__ if not hasattr(value, "time_sampler") else {
+                **value.__dict__, "time_sampler": value.time_sampler.__dict__}
+    for name in ("token_masking", "dropout", "weight_decay"):
+        value = getattr(config.algorithms, name)
+        if value is not None:
+            active[name] = json.loads(json.dumps(value, default=lambda o: o.__dict__))
+    if config.optimizer.weight_decay:
+        active["optimizer_weight_decay"] = {"value": config.optimizer.weight_decay, "optimizer": config.optimizer.name}
+    return active
+
+
+def run_dir_for(config: RunConfig, run_dir: str | Path | None = None) -> Path:
+    return Path(run_dir) if run_dir is not None else results_dir() / config.name
+
+
+def check_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> str:
+    """'new', 'resume' or 'complete'; refuses a changed config or an existing run without ``resume``."""
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.exists():
+        return "new"
+    if config_path.read_text() != dump_config(config):
+        raise RunExistsError(f"{run_dir} holds a run with a different config ({config_path}); refusing to mix "
+                             "results: choose another run name or delete the folder")
+    summary = read_summary(run_dir) or {}
+    if summary.get("status") == "complete":
+        return "complete"
+    if not resume:
+        raise RunExistsError(f"{run_dir} already holds this run (status {summary.get('status', 'unknown')}); "
+                             "pass --resume to continue it from its latest checkpoint")
+    return "resume"
+
+
+def _device(config: RunConfig) -> str:
+    if config.trainer.device != "auto":
+        if config.trainer.device == "gpu" and not torch.cuda.is_available():
+            raise ConfigError("config", "trainer.device", "gpu requested but no CUDA device is available")
+        return config.trainer.device
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def _precision(config: RunConfig, device: str) -> str:
+    if config.trainer.precision != "auto":
+        if device == "cpu" and config.trainer.precision == "amp_fp16":
+            raise ConfigError("config", "trainer.precision", "amp_fp16 needs a GPU; use fp32 or amp_bf16 on CPU")
+        return config.trainer.precision
+    return "amp_bf16" if device == "gpu" else "fp32"
+
+
+def build_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
+    opt = config.optimizer
+    if opt.name == "decoupled_adamw":
+        from composer.optim import DecoupledAdamW
+
+        return DecoupledAdamW(params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
+                             fused=fused)
+
+
+def build_scheduler(config: RunConfig):
+    from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler,
+                                LinearWithWarmupScheduler)
+
+    sched = config.scheduler
+    if sched.name == "cosine":
+        return CosineAnnealingWithWarmupScheduler(t_warmup=sched.warmup, alpha_f=sched.alpha_f)
+    if sched.name == "linear":
+        return LinearWithWarmupScheduler(t_warmup=sched.warmup, alpha_f=sched.alpha_f)
+    return ConstantWithWarmupScheduler(t_warmup=sched.warmup)
+
+
+def build_algorithms(config: RunConfig, mask_id: int, eos_id: int, vocab_size: int) -> list:
+    from composer.algorithms import GradientClipping
+
+    from workbench.algorithms import Dropout, DualObjectiveMixing, MaskedDiffusion, PrefixLM, TokenMasking, WeightDecay
+
+    objective, algos = config.objective, config.algorithms
+    out: list = []
+    if objective.name == "mdm":
+        out.append(MaskedDiffusion(objective.diffusion, mask_id, objective.z_loss))
+    elif objective.name == "dual":
+        out.append(DualObjectiveMixing(objective.diffusion, objective.dual, mask_id, objective.z_loss))
+    elif objective.name == "prefix_lm":
+        out.append(PrefixLM(objective.prefix_lm, objective.z_loss))
+    if algos.token_masking is not None:
+        out.append(TokenMasking(algos.token_masking, mask_id, eos_id, vocab_size))
+    if algos.dropout is not None:
+        out.append(Dropout(algos.dropout))
+    if algos.weight_decay is not None:
+        out.append(WeightDecay(algos.weight_decay))
+    if config.trainer.grad_clip_norm:
+        out.append(GradientClipping(clipping_type="norm", clipping_threshold=config.trainer.grad_clip_norm))
+    return out
+
+
+def build_callbacks(config: RunConfig) -> list:
+    from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
+
+    from workbench.callbacks import RNGCheckpoint
+
+    available = {"speed_monitor": SpeedMonitor, "lr_monitor": LRMonitor, "memory_monitor": MemoryMonitor,
+                 "runtime_estimator": RuntimeEstimator}
+    callbacks: list = [RNGCheckpoint()]
+    if "speed_monitor" not in config.callbacks:
+        callbacks.append(SpeedMonitor(window_size=config.trainer.log_interval))
+    for name, options in config.callbacks.items():
+        try:
+            callbacks.append(available[name](**options))
+        except TypeError as err:
+            raise ConfigError("config", f"callbacks.{name}", f"bad options: {err}") from None
+    return callbacks
+
+
+def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool = False,
+              extra_callbacks: Sequence = (), log: Callable[[str], None] = print) -> BuiltRun:
+    """Prepare data, build the model and a Composer Trainer for ``config`` (does not train)."""
+    from composer import Trainer
+    from composer.core import Evaluator
+    from composer.utils.reproducibility import seed_all
+
+    from datasets_prep.corpus import prepare
+    from workbench.callbacks import TidyMetricsLogger
+    from workbench.data import build_loader
+    from workbench.lm import WorkbenchLM
+    from workbench.model import Transformer, TransformerConfig
+
+    run_dir = run_dir_for(config, run_dir)
+    state = check_run_dir(config, run_dir, resume)
+    downstream = config.eval.downstream
+    if downstream is not None and downstream.tasks:
+        from workbench.evaluation.tasks import check_tasks
+
+        check_tasks(downstream.tasks)  # bad task names/files fail before any data is prepared
+    device = _device(config)
+    precision = _precision(config, device)
+
+    prepared = prepare(config.data, log=log)
+    tokenizer = prepared.tokenizer
+    seed_all(config.seed)  # before the model is built: Trainer(seed=) would come too late for the init
+    net = Transformer(TransformerConfig(
+        vocab_size=tokenizer.vocab_size, max_seq_len=config.data.seq_len, n_layers=config.model.n_layers,
+        d_model=config.model.d_model, n_heads=config.model.n_heads, mlp_ratio=config.model.mlp_ratio,
+        norm=config.model.norm, tie_embeddings=config.model.tie_embeddings, rope_theta=config.model.rope_theta,
+        init_std=config.model.init_std, attention=config.model.attention))
+    diffusion = config.objective.diffusion
+    model = WorkbenchLM(net, tokenizer.mask_id, tokenizer.eos_id, tokenizer.vocab_size, config.shifted,
+                        tuple(config.eval_metrics), config.eval.nelbo_samples,
+                        subs=diffusion.subs if diffusion is not None else True)
+
+    train_spec = build_loader(prepared.train.path, config.data.batch_size, shuffle=True, seed=config.seed,
+                              num_workers=config.data.num_workers)
+    val_spec = build_loader(prepared.val.path, config.eval.batch_size, shuffle=False, seed=0,
+                            num_workers=config.data.num_workers)
+    evaluators = [Evaluator(label="val", dataloader=val_spec, metric_names=list(config.eval_metrics),
+                            eval_interval=config.eval.interval)]
+    if downstream is not None and downstream.tasks:
+        from workbench.evaluation.tasks import build_task_evaluators
+
+        evaluators += build_task_evaluators(model, tokenizer, downstream, config.eval.interval, config.data.seq_len)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metadata = {"workbench.config": config.to_dict(), "workbench.algorithms": active_algorithms(config),
+                "workbench.data": {"train": prepared.train.manifest, "val": prepared.val.manifest}}
+    writer = MetricsWriter(run_dir, metadata)
+    tidy = TidyMetricsLogger(writer, config.name, prepared.train.manifest["num_tokens"], config.trainer.log_interval,
+                             prepared.val.manifest.get("unigram_entropy"))
+    checkpoints = run_dir / CHECKPOINTS
+    load_path = None
+    if state == "resume" and (checkpoints / LATEST_CHECKPOINT).exists():
+        load_path = str(checkpoints / LATEST_CHECKPOINT)
+        log(f"[train] resuming {config.name} from {os.path.realpath(load_path)}")
+
+    logging.getLogger("composer").setLevel(logging.WARNING)
+    trainer = Trainer(
+        model=model,
+        train_dataloader=train_spec,
+        eval_dataloader=evaluators,
+        max_duration=config.trainer.max_duration,
+        optimizers=build_optimizer(config, model.parameters()),
+        schedulers=build_scheduler(config),
+        algorithms=build_algorithms(config, tokenizer.mask_id, tokenizer.eos_id, tokenizer.vocab_size),
+        callbacks=[*build_callbacks(config), *extra_callbacks],
+        loggers=[tidy],
+        run_name=config.name,
+        seed=config.seed,
+        device=device,
+        precision=precision,
+        device_train_microbatch_size=config.trainer.microbatch_size,
+        save_folder=str(checkpoints),
+        save_interval=config.trainer.checkpoint_interval,
+        save_num_checkpoints_to_keep=config.trainer.keep_checkpoints,
+        save_overwrite=True,
+        load_path=load_path,
+        progress_bar=config.trainer.progress_bar,
+        log_to_console=False,
+        python_log_level="warning",
+        dist_timeout=300,
+    )
+    if config.model.compile:
+        net.compile()  # in place: parameter names (and checkpoints) stay the same
+    return BuiltRun(trainer, model, prepared, run_dir)
+
+
+def train(config: RunConfig, run_dir: str | Path | None = None, resume: bool = False,
+          extra_callbacks: Sequence = (), log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train one run to completion (or resume it) and return its summary."""
+    target = run_dir_for(config, run_dir)
+    if check_run_dir(config, target, resume) == "complete":
+        log(f"[train] {config.name}: already complete in {target}")
+        return read_summary(target) or {}
+    built = build_run(config, target, resume, extra_callbacks, log)
+    (built.run_dir / CONFIG_FILE).write_text(dump_config(config))
+    net = built.model.net
+    write_summary(built.run_dir, run=config.name, status="running", params=net.num_params(non_embedding=False),
+                  non_embedding_params=net.num_params(), unique_tokens=built.prepared.train.manifest["num_tokens"],
+                  train_shards=str(built.prepared.train.path), val_shards=str(built.prepared.val.path),
+                  device=str(built.trainer.state.device.name), precision=str(built.trainer.state.precision.value))
+    try:
+        built.trainer.fit()
+    except BaseException as err:
+        write_summary(built.run_dir, status="failed", error=f"{type(err).__name__}: {err}",
+                      traceback=traceback.format_exc(limit=8))
+        built.trainer.close()
+        raise
+    built.trainer.close()
+    return finish_summary(built)
+
+
+def finish_summary(built: BuiltRun) -> dict[str, Any]:
+    """Status complete plus the final and best validation numbers (from metrics.parquet)."""
+    from workbench.results import METRICS_FILE, read_metrics
+
+    timestamp = built.trainer.state.timestamp
+    fields: dict[str, Any] = {"status": "complete", "tokens_seen": int(timestamp.token),
+                              "steps": int(timestamp.batch), "epochs": int(timestamp.epoch)}
+    frame = read_metrics(built.run_dir / METRICS_FILE)
+    if frame is not None:
+        val = frame.filter(frame["split"] == "val")
+        for metric in val["metric"].unique().to_list():
+            rows = val.filter(val["metric"] == metric).sort("step")
+            fields[f"final_{metric}"] = rows["value"][-1]
+            fields[f"best_{metric}"] = rows["value"].min()
+        fields["wall_time_s"] = frame["wall_time"].max()
+    return write_summary(built.run_dir, **fields)
