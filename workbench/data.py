@@ -37,15 +37,34 @@ def sequences_in_batch(batch: dict[str, torch.Tensor]) -> int:
     return batch["tokens"].shape[0]
 
 
+def shard_view(path: str | Path, view: str | Path) -> Path:
+    """A folder of symlinks to the shards in ``path``.
+
+    Streaming registers each dataset's local folder in shared memory and refuses a folder another process
+    already uses; runs that read the same prepared shards concurrently (parallel ablations, Optuna workers)
+    each read through their own view instead."""
+    source, view = Path(path).resolve(), Path(view)
+    view.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.name == "index.json" or item.suffix == ".mds":
+            link = view / item.name
+            if not (link.is_symlink() and link.resolve() == item):
+                link.unlink(missing_ok=True)
+                link.symlink_to(item)
+    return view
+
+
 def build_loader(path: str | Path, global_batch_size: int, shuffle: bool, seed: int,
-                 num_workers: int = 0) -> DataSpec:
-    """A Composer DataSpec over shards in ``path``; the global batch is split over ranks. The last batch of an
-    epoch may be short, so one epoch is exactly one pass over the unique tokens."""
+                 num_workers: int = 0, view: str | Path | None = None) -> DataSpec:
+    """A Composer DataSpec over shards in ``path`` (read through ``view``, see :func:`shard_view`); the global
+    batch is split over ranks. The last batch of an epoch may be short, so one epoch is exactly one pass over
+    the unique tokens."""
     world = dist.get_world_size()
     if global_batch_size % world:
         raise ValueError(f"data.batch_size {global_batch_size} is not divisible by the {world} devices")
     per_rank = global_batch_size // world
-    dataset = TokenShards(local=str(path), shuffle=shuffle, shuffle_seed=seed, batch_size=per_rank,
+    local = shard_view(path, view) if view is not None else Path(path)
+    dataset = TokenShards(local=str(local), shuffle=shuffle, shuffle_seed=seed, batch_size=per_rank,
                           allow_unsafe_types=False)
     loader = StreamingDataLoader(dataset, batch_size=per_rank, collate_fn=collate, num_workers=num_workers,
                                  drop_last=False, persistent_workers=num_workers > 0,

@@ -189,9 +189,9 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
                         subs=diffusion.subs if diffusion is not None else True)
 
     train_spec = build_loader(prepared.train.path, config.data.batch_size, shuffle=True, seed=config.seed,
-                              num_workers=config.data.num_workers)
+                              num_workers=config.data.num_workers, view=run_dir / CHECKPOINTS / "shards" / "train")
     val_spec = build_loader(prepared.val.path, config.eval.batch_size, shuffle=False, seed=0,
-                            num_workers=config.data.num_workers)
+                            num_workers=config.data.num_workers, view=run_dir / CHECKPOINTS / "shards" / "val")
     evaluators = [Evaluator(label="val", dataloader=val_spec, metric_names=list(config.eval_metrics),
                             eval_interval=config.eval.interval)]
     if downstream is not None and downstream.tasks:
@@ -259,7 +259,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: bool = F
     try:
         built.trainer.fit()
     except BaseException as err:
-        write_summary(built.run_dir, status="failed", error=f"{type(err).__name__}: {err}",
+        status = "pruned" if type(err).__name__ == "TrialPruned" else "failed"  # Optuna stops trials by raising
+        write_summary(built.run_dir, status=status, error=f"{type(err).__name__}: {err}",
                       traceback=traceback.format_exc(limit=8))
         built.trainer.close()
         raise
@@ -279,6 +280,9 @@ def finish_summary(built: BuiltRun) -> dict[str, Any]:
         val = frame.filter(frame["split"] == "val")
         for metric in val["metric"].unique().to_list():
             rows = val.filter(val["metric"] == metric).sort("step")
+            if metric == "unigram_entropy":
+                fields[metric] = rows["value"][0]
+                continue
             fields[f"final_{metric}"] = rows["value"][-1]
             fields[f"best_{metric}"] = rows["value"].min()
         fields["wall_time_s"] = frame["wall_time"].max()
