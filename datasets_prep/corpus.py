@@ -96,7 +96,7 @@ def _clean_jsonl(path: Path, text_column: str, stats: dict[str, Any]) -> Path:
     """Check every line of a JSON-lines file; lines that are not UTF-8, not JSON, or lack a string
     ``text_column`` are skipped (counted, first examples recorded with file:line). Returns the file to load:
     the original, or a cleaned copy in the cache when lines were dropped."""
-    good, bad = [], 0
+    good, bad, fields = [], 0, None
     with _open_bytes(path) as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
@@ -104,6 +104,8 @@ def _clean_jsonl(path: Path, text_column: str, stats: dict[str, Any]) -> Path:
             reason = None
             try:
                 record = json.loads(raw.decode("utf-8"))
+                if fields is None and isinstance(record, dict):
+                    fields = sorted(record)
                 if not isinstance(record, dict) or not isinstance(record.get(text_column), str):
                     reason = f"no string field {text_column!r}"
             except UnicodeDecodeError:
@@ -118,6 +120,8 @@ def _clean_jsonl(path: Path, text_column: str, stats: dict[str, Any]) -> Path:
                     examples.append(f"{path}:{number}: {reason}")
             else:
                 good.append(raw.rstrip(b"\n"))
+    if not good and fields is not None:
+        raise CorpusError(f"data.text_column: {text_column!r} is not a field of {path} (fields: {', '.join(fields)})")
     if not bad:
         return path
     digest = hashlib.sha256(f"{path}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
@@ -312,7 +316,8 @@ def prepare(cfg: DataConfig, out: str | Path | None = None, force: bool = False,
 
     if out is None:
         corpus_name = Path(expand(cfg.corpus)).name if train_files is not None else cfg.corpus.replace("/", "_")
-        base = prepared_dir() / corpus_name / f"{tokenizer.kind}{tokenizer.vocab_size}-{tokenizer.sha256[:8]}-L{seq_len}"
+        tag = f"{tokenizer.kind}{tokenizer.vocab_size}-{tokenizer.sha256[:8]}-L{seq_len}"
+        base = prepared_dir() / corpus_name / tag
         train_out = base / f"train-u{unique}-s{cfg.subset_seed}-{_spec_digest(train_spec)}"
         val_out = base / f"val-{val_tokens}-{_spec_digest(val_spec)}"
     else:

@@ -13,6 +13,7 @@ import dataclasses
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -186,6 +187,13 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         if not 0 < self.eps < 1:
             raise ConfigError("", "eps", f"must be in (0, 1), got {self.eps}")
+        sampler = self.time_sampler
+        if self.weighting == "elbo" and (sampler.name == "logit_normal" or (
+                sampler.name == "beta" and max(sampler.a, sampler.b) >= 2)):
+            # the importance weight 1/pi(t) is unbounded where pi vanishes: int 1/pi(t) dt diverges
+            warnings.warn(f"time_sampler {sampler.name} with weighting 'elbo': the importance weights 1/pi(t) have "
+                          "infinite variance (the loss stays unbiased but heavy-tailed); use weighting 'sampled', "
+                          "or Beta a, b < 2, or truncated_normal", stacklevel=2)
 
 
 @dataclass
@@ -351,20 +359,38 @@ class AlgorithmsConfig:
 
 @dataclass
 class DownstreamConfig:
-    """Zero-shot tasks evaluated during training (same fixed item sample in every run)."""
+    """Zero-shot tasks evaluated during training (same fixed item sample in every run); see workbench.evaluation.
+
+    ``scorers`` overrides ``scorer`` per task (e.g. ``{lambada_openai: chain}``). ``cfg_weight`` w > 0 turns on
+    unsupervised classifier-free guidance for the diffusion scorers (logits u + (w+1)(c - u), Nie et al. 2024).
+    ``masking``: how mc-elbo masks the continuation: ``exact`` (l ~ U{1..n} tokens, weight n/l, as SMDM/LLaDA) or
+    ``bernoulli`` (rate t, weight 1/t). ``interval``: how often the tasks run (default: eval.interval)."""
 
     tasks: list[str] = field(default_factory=list)
     limit: int | None = 500  # items per task
     scorer: Literal["auto", "ar", "mc-elbo", "chain", "pll"] = "auto"  # auto: ar for AR models, mc-elbo for MDM
+    scorers: dict[str, Literal["auto", "ar", "mc-elbo", "chain", "pll"]] = field(default_factory=dict)
     samples: int = 32  # Monte Carlo samples for mc-elbo
     batch_size: int = 64  # rows per forward pass
     seed: int = 1234  # item sample and estimator noise
+    cfg_weight: float = 0.0
+    masking: Literal["exact", "bernoulli"] = "exact"
+    interval: str | None = field(default=None, metadata={
+        "parse": lambda value: None if value is None else parse_duration(value)})
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
             raise ConfigError("", "limit", "must be >= 1 or null (all items)")
         if self.samples < 1:
             raise ConfigError("", "samples", "must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError("", "batch_size", "must be >= 1")
+        for task in self.scorers:
+            if task not in self.tasks:
+                raise ConfigError("", f"scorers.{task}", f"is not one of the evaluated tasks ({', '.join(self.tasks)})")
+        if self.cfg_weight and "ar" in (self.scorer, *self.scorers.values()):
+            raise ConfigError("", "cfg_weight", "classifier-free guidance applies to the diffusion scorers "
+                              "(mc-elbo, chain, pll), not to the ar scorer")
 
 
 @dataclass

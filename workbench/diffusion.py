@@ -53,8 +53,8 @@ def _sample_base(sampler: TimeSamplerConfig, n: int, device, generator=None) -> 
     if sampler.name == "stratified":
         return (torch.arange(n, device=device) + rand(n)) / n
     if sampler.name == "beta":
-        gamma_a = torch._standard_gamma(torch.full((n,), sampler.a, device=device))
-        gamma_b = torch._standard_gamma(torch.full((n,), sampler.b, device=device))
+        gamma_a = torch._standard_gamma(torch.full((n,), float(sampler.a), device=device))
+        gamma_b = torch._standard_gamma(torch.full((n,), float(sampler.b), device=device))
         return gamma_a / (gamma_a + gamma_b)
     if sampler.name == "logit_normal":
         return torch.sigmoid(sampler.mu + sampler.sigma * torch.randn(n, device=device, generator=generator))

@@ -87,6 +87,17 @@ def _precision(config: RunConfig, device: str) -> str:
     return "amp_bf16" if device == "gpu" else "fp32"
 
 
+def max_duration_in_tokens(duration: str, unique_tokens: int) -> str:
+    """Epochs -> tokens (one epoch is exactly the unique-token budget).
+
+    Composer measures elapsed training in max_duration's unit, so with epochs a warmup of '0.02dur' rounds to
+    zero and elapsed-fraction schedules (weight decay, AR fraction) would jump at epoch boundaries; in
+    tokens they progress every batch, and training still ends exactly at the last epoch's end."""
+    if duration.endswith("ep"):
+        return f"{int(duration[:-2]) * unique_tokens}tok"
+    return duration
+
+
 def build_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
     opt = config.optimizer
     if opt.name == "decoupled_adamw":
@@ -99,8 +110,11 @@ def build_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
 
 
 def build_scheduler(config: RunConfig):
-    from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler,
-                                LinearWithWarmupScheduler)
+    from composer.optim import (
+        ConstantWithWarmupScheduler,
+        CosineAnnealingWithWarmupScheduler,
+        LinearWithWarmupScheduler,
+    )
 
     sched = config.scheduler
     if sched.name == "cosine":
@@ -216,7 +230,7 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
         model=model,
         train_dataloader=train_spec,
         eval_dataloader=evaluators,
-        max_duration=config.trainer.max_duration,
+        max_duration=max_duration_in_tokens(config.trainer.max_duration, prepared.train.manifest["num_tokens"]),
         optimizers=build_optimizer(config, model.parameters()),
         schedulers=build_scheduler(config),
         algorithms=build_algorithms(config, tokenizer.mask_id, tokenizer.eos_id, tokenizer.vocab_size),
