@@ -9,7 +9,7 @@ import os
 import sys
 
 COMMANDS = {
-    "prep": ("workbench.commands.prep", "turn a text corpus into Streaming MDS shards with an exact unique-token budget"),
+    "prep": ("workbench.commands.prep", "corpus -> Streaming MDS shards with an exact unique-token budget"),
     "train": ("workbench.commands.train", "train one model from a run YAML"),
     "eval": ("workbench.evaluation.cli", "zero-shot downstream evaluation of a checkpoint"),
     "generate": ("workbench.evaluation.generate", "sample text from an AR or masked-diffusion checkpoint"),
@@ -21,7 +21,8 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="workbench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="workbench", description="Data-efficiency ablation workbench: AR vs. "
+                                     "masked diffusion under repeated data (Composer + Streaming + Optuna).")
     parser.add_argument("--data-dir", help="data folder (default: $WORKBENCH_DATA or ../shared/data)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = {}
@@ -34,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         modules[name] = module
         module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # KEY=VALUE overrides written after an option (argparse stops positionals at the first flag)
+        if not hasattr(args, "overrides") or any("=" not in item or item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if args.data_dir:
         os.environ["WORKBENCH_DATA"] = os.path.abspath(args.data_dir)
     from datasets_prep.corpus import CorpusError

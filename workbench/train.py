@@ -167,8 +167,11 @@ def build_callbacks(config: RunConfig) -> list:
 
 
 def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool = False,
-              extra_callbacks: Sequence = (), log: Callable[[str], None] = print) -> BuiltRun:
-    """Prepare data, build the model and a Composer Trainer for ``config`` (does not train)."""
+              extra_callbacks: Sequence = (), log: Callable[[str], None] = print, prepared=None) -> BuiltRun:
+    """Prepare data, build the model and a Composer Trainer for ``config`` (does not train).
+
+    ``prepared``: already prepared shards (:class:`datasets_prep.corpus.PreparedData`) to use instead of the
+    data section's corpus (the benchmark trains on random-token shards of a given shape)."""
     from composer import Trainer
     from composer.core import Evaluator
     from composer.utils.reproducibility import seed_all
@@ -189,7 +192,8 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
     device = _device(config)
     precision = _precision(config, device)
 
-    prepared = prepare(config.data, log=log)
+    if prepared is None:
+        prepared = prepare(config.data, log=log)
     tokenizer = prepared.tokenizer
     seed_all(config.seed)  # before the model is built: Trainer(seed=) would come too late for the init
     net = Transformer(TransformerConfig(
