@@ -49,3 +49,43 @@ def test_resume_mid_epoch_matches_uninterrupted(tiny_config, results_root, objec
     columns = ["step", "tokens_seen", "split", "metric", "value"]
     assert resumed.select(columns).sort(["step", "split", "metric"]).equals(
         straight.select(columns).sort(["step", "split", "metric"]))
+
+
+def test_hard_killed_training_process_keeps_its_rows_and_resumes(tiny_config, results_root, tmp_path):
+    """SIGKILL a real `workbench train` process mid-run: metrics.parquet stays readable, resume completes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    config = tiny_config({"name": "killed", "trainer": {"max_duration": "3ep", "log_interval": 2,
+                                                       "checkpoint_interval": "8ba"}})
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    run_dir = results_root / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "workbench.cli", "train", str(path)], env=os.environ.copy(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:  # wait until a checkpoint exists and training has gone past it
+            checkpoint = run_dir / "checkpoints" / "latest-rank0.pt"
+            frame = read_metrics(run_dir / "metrics.parquet") if (run_dir / "metrics.parquet").exists() else None
+            if checkpoint.exists() and frame is not None and frame["step"].max() >= 18:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the training process made no progress")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    before = read_metrics(run_dir / "metrics.parquet")
+    assert before is not None and before["step"].max() >= 16
+    assert read_summary(run_dir)["status"] == "running"  # killed: it never got to say otherwise
+    summary = train(config, resume=True)
+    after = read_metrics(run_dir / "metrics.parquet")
+    assert summary["status"] == "complete" and summary["epochs"] == 3
+    losses = after.filter((pl.col("split") == "train") & (pl.col("metric") == "loss"))
+    assert losses["step"].to_list() == list(range(2, 97, 2))  # no step lost, none duplicated
