@@ -1,0 +1,206 @@
+"""Figures in the papers' format, drawn with seaborn on the Agg backend (files, no display needed).
+
+Every validation-loss figure draws the unigram entropy of the validation set (the loss of a context-free model
+that knows the token frequencies) as a dashed horizontal line. seaborn takes pandas frames, so each function
+converts its polars data with ``to_pandas()``. Functions return a matplotlib Figure, or None when the results
+have nothing to show for that figure (e.g. no downstream tasks, fewer than two dual ratios).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import polars as pl
+import seaborn as sns
+
+from workbench.analysis.tables import (
+    ACCURACY_METRICS,
+    NON_TASK_SPLITS,
+    best_validation,
+    unigram_entropy,
+    validation_rows,
+)
+
+LOSS_LABEL = {"val_loss": "validation loss (nats/token)", "ar_nll": "validation AR NLL (nats/token)",
+              "mdm_nelbo": "validation MDM NELBO (nats/token, bound)"}
+BASELINE_STYLE = {"color": "0.35", "linestyle": "--", "linewidth": 1.0, "zorder": 0}
+
+
+def _theme() -> None:
+    sns.set_theme(style="whitegrid", context="paper", font_scale=1.1)
+    plt.rcParams["svg.fonttype"] = "none"  # text stays text: small, searchable SVGs
+    plt.rcParams["svg.hashsalt"] = "workbench"  # deterministic element ids: re-running a report gives no diff
+
+
+def _order(frame: pl.DataFrame, column: str) -> list:
+    """Values of ``column`` in declared variant order."""
+    if "order" in frame.columns:
+        ranked = frame.group_by(column).agg(pl.col("order").min()).sort(["order", column], nulls_last=True)
+        return ranked[column].to_list()
+    return sorted(frame[column].unique().to_list())
+
+
+def _hue(frame: pl.DataFrame) -> str:
+    """Colour by group (variant without its repetition point) when a repetition axis splits the runs."""
+    if "group" in frame.columns and "repetition" in frame.columns and frame["repetition"].n_unique() > 1:
+        return "group"
+    return "variant"
+
+
+def draw_baseline(ax, entropy: float | None, label: str = "unigram entropy") -> None:
+    """The context-free reference line (dashed) with its label at the right end."""
+    if entropy is None:
+        return
+    ax.axhline(entropy, **BASELINE_STYLE, label="_" + label)
+    ax.annotate(label, xy=(0.0, entropy), xycoords=("axes fraction", "data"), xytext=(4, 3),
+                textcoords="offset points", ha="left", va="bottom", fontsize=8, color="0.35")
+
+
+def _multi_seed(frame: pl.DataFrame, hue: str) -> bool:
+    return "seed" in frame.columns and frame.group_by(hue).agg(pl.col("seed").n_unique())["seed"].max() > 1
+
+
+def validation_curves(frame: pl.DataFrame, metric: str = "val_loss", x: str = "epoch",
+                      target: float | None = None):
+    """Validation loss vs. epoch (or tokens_seen): one line per variant, bands over seeds (min-max), one panel
+    per repetition point when the ablation sweeps one."""
+    rows = validation_rows(frame, metric)
+    if rows.is_empty():
+        return None
+    _theme()
+    hue = _hue(rows)
+    col = "repetition" if hue == "group" else None
+    style = "val_metric" if metric == "val_loss" and rows["val_metric"].n_unique() > 1 else None
+    data = rows.to_pandas()
+    grid = sns.relplot(data=data, x=x, y="value", hue=hue, hue_order=_order(rows, hue), style=style, col=col,
+                       col_order=_order(rows, col) if col else None, col_wrap=min(3, rows[col].n_unique()) if col
+                       else None, kind="line", marker="o", markersize=4,
+                       errorbar=("pi", 100) if _multi_seed(rows, hue) else None, height=3.6, aspect=1.35,
+                       facet_kws={"sharey": True, "sharex": False})
+    entropy = unigram_entropy(frame)
+    for ax in grid.axes.flat:
+        draw_baseline(ax, entropy)
+        if target is not None:
+            ax.axhline(target, color="tab:red", linestyle=":", linewidth=1.0, zorder=0)
+            ax.annotate("target", xy=(1.0, target), xycoords=("axes fraction", "data"), xytext=(-4, 3),
+                        textcoords="offset points", ha="right", va="bottom", fontsize=8, color="tab:red")
+        ax.set_xlabel("epoch (passes over the unique tokens)" if x == "epoch" else "tokens seen")
+        ax.set_ylabel(LOSS_LABEL.get(metric, metric))
+    grid.figure.suptitle("Validation loss under repetition", y=1.02)
+    return grid.figure
+
+
+def downstream_curves(frame: pl.DataFrame):
+    """Downstream accuracy vs. epoch, one panel per task (acc_norm where the task reports it, else acc)."""
+    rows = frame.filter(~pl.col("split").is_in(NON_TASK_SPLITS) & pl.col("metric").is_in(ACCURACY_METRICS))
+    if rows.is_empty():
+        return None
+    normed = rows.group_by("split").agg((pl.col("metric") == "acc_norm").any().alias("_normed"))
+    rows = rows.join(normed, on="split").filter(
+        pl.col("metric") == pl.when(pl.col("_normed")).then(pl.lit("acc_norm")).otherwise(pl.lit("acc")))
+    rows = rows.with_columns(pl.format("{} ({})", pl.col("split"), pl.col("metric")).alias("task"))
+    _theme()
+    hue = _hue(rows)
+    tasks = sorted(rows["task"].unique().to_list())
+    grid = sns.relplot(data=rows.to_pandas(), x="epoch", y="value", hue=hue, hue_order=_order(rows, hue),
+                       col="task", col_order=tasks, col_wrap=min(3, len(tasks)), kind="line", marker="o",
+                       markersize=4, errorbar=("pi", 100) if _multi_seed(rows, hue) else None, height=3.2,
+                       aspect=1.3, facet_kws={"sharey": False})
+    for ax in grid.axes.flat:
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy")
+    grid.figure.suptitle("Downstream zero-shot accuracy", y=1.02)
+    return grid.figure
+
+
+def best_vs_strength(frame: pl.DataFrame, metric: str = "val_loss"):
+    """Best (solid) and final (dashed) validation loss vs. regularization strength, one colour per regularizer
+    (AR-side runs); runs without a regularizer are every line's strength-0 point; MDM runs are dotted reference
+    lines at their best loss."""
+    best = best_validation(frame, metric)
+    if "regularizer" not in best.columns:
+        return None
+    ar_side = best.filter(pl.col("objective") != "mdm")
+    single = ar_side.filter(pl.col("strength").is_not_null() & (pl.col("regularizer") != "none"))
+    if single.filter(pl.col("strength") > 0).is_empty():
+        return None
+    lines = []
+    baseline = ar_side.filter(pl.col("regularizer") == "none")
+    for regularizer in _order(single, "regularizer"):
+        lines.append(single.filter(pl.col("regularizer") == regularizer))
+        if not baseline.is_empty():
+            lines.append(baseline.with_columns(pl.lit(regularizer).alias("regularizer")))
+    data = pl.concat(lines, how="vertical_relaxed").unpivot(
+        on=["best", "final"], index=["regularizer", "strength", "seed"], variable_name="loss", value_name="value")
+    _theme()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    sns.lineplot(data=data.to_pandas(), x="strength", y="value", hue="regularizer", style="loss", marker="o", ax=ax,
+                 errorbar="sd" if data["seed"].n_unique() > 1 else None)
+    palette = sns.color_palette("dark", 4)
+    for i, (variant, rows) in enumerate(best.filter(pl.col("objective") == "mdm").group_by("variant",
+                                                                                           maintain_order=True)):
+        ax.axhline(rows["best"].mean(), color=palette[i % 4], linestyle=":", linewidth=1.3,
+                   label=f"{variant[0]} best ({rows['metric'][0]})")
+    draw_baseline(ax, unigram_entropy(frame))
+    ax.set_xlabel("regularization strength (masking rate, dropout p, weight decay)")
+    ax.set_ylabel(LOSS_LABEL.get(metric, metric))
+    ax.set_title("Best and final validation loss vs. regularization strength")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fig
+
+
+def alpha_repetition_heatmap(frame: pl.DataFrame):
+    """Best validation loss over AR fraction alpha (rows) x epochs of repetition (columns), one heatmap per
+    validation metric the dual runs report (mean over seeds). The unigram entropy is marked on the colour bar."""
+    if "ar_fraction" not in frame.columns:
+        return None
+    dual = frame.filter(pl.col("objective") == "dual")
+    if dual.is_empty() or dual["ar_fraction"].n_unique() < 2:
+        return None
+    metrics = [m for m in ("ar_nll", "mdm_nelbo")
+               if not dual.filter((pl.col("split") == "val") & (pl.col("metric") == m)).is_empty()]
+    entropy = unigram_entropy(frame)
+    _theme()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        best = best_validation(dual, metric)
+        by_label = best["repetition"].null_count() == 0 and best["repetition"].n_unique() > best[
+            "planned_epochs"].n_unique()  # e.g. several unique-token budgets at the same epochs
+        column = "repetition" if by_label else "planned_epochs"
+        table = (best.group_by(["ar_fraction", column]).agg(pl.col("best").mean())
+                 .sort(["ar_fraction", column]).pivot(on=column, index="ar_fraction", values="best",
+                                                      sort_columns=True))
+        matrix = table.to_pandas().set_index("ar_fraction")
+        matrix.columns = [f"{float(c):g}" if column == "planned_epochs" else c for c in matrix.columns]
+        sns.heatmap(matrix, annot=True, fmt=".3f", cmap="viridis_r", ax=ax, cbar_kws={"label": "best " + metric})
+        if entropy is not None:
+            colorbar = ax.collections[0].colorbar
+            low, high = colorbar.mappable.get_clim()
+            if low <= entropy <= high:
+                colorbar.ax.axhline(entropy, **{**BASELINE_STYLE, "color": "white", "linewidth": 1.5})
+        ax.set_xlabel("epochs (repetitions)")
+        ax.set_ylabel("AR fraction α")
+        ax.set_title(f"best {metric}" + (f" (unigram entropy {entropy:.3f})" if entropy is not None else ""))
+    fig.suptitle("Dual objective: AR fraction x repetition", y=1.02)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, out_dir: str | Path, name: str, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
+    """Write ``fig`` as ``out_dir/name.<format>`` for each format (deterministic metadata), then close it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = out_dir / f"{name}.{fmt}"
+        metadata = {"Date": None} if fmt == "svg" else {"Software": None} if fmt == "png" else None
+        fig.savefig(path, dpi=150, bbox_inches="tight", metadata=metadata)
+        paths.append(path)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,198 @@
+"""Derived tables over the tidy results frame (see :mod:`workbench.analysis.load`), one function each.
+
+All take the long frame (one row per run, step, split, metric) and return one row per run (or per run and
+task), carrying whichever run columns the frame has (variant, seed, objective, ...). ``metric="val_loss"``
+means each run's own validation loss (column ``val_metric``: ``ar_nll`` for AR/dual/prefix-LM runs,
+``mdm_nelbo`` for MDM runs); any metric name selects that metric for every run instead.
+
+Definitions:
+- best validation loss: the minimum over evaluations, with the epoch/tokens/step of its first occurrence;
+  final = the last evaluation.
+- overfitting onset: the first evaluation whose loss exceeds the running minimum of the evaluations before it
+  by more than ``tolerance`` (nats), i.e. ``value - cummin(value) > tolerance``; null if that never happens.
+- tokens-to-target: the first evaluation at which the loss is <= the target (``direction="above"``: >=, for
+  accuracies); with ``interpolate=True`` the crossing is placed linearly between that evaluation and the one
+  before it. Null if never reached. The speed-up of a variant is the baseline's mean tokens-to-target over its
+  seeds divided by the variant's.
+- downstream accuracy: per task, the final and best ``acc`` and ``acc_norm``; the task ``average`` of a metric
+  is taken per evaluation over every task reporting that metric (all report ``acc``; schema and language-modelling
+  tasks have no ``acc_norm``), then its final and best.
+- seed summary: mean, standard deviation (ddof 1; null for one seed), min, max and count over seeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import polars as pl
+
+from workbench.analysis.load import LOSS_METRICS, RUN_COLUMNS
+
+NON_TASK_SPLITS = ("train", "val")
+ACCURACY_METRICS = ("acc", "acc_norm")
+
+
+def _run_keys(frame: pl.DataFrame) -> list[str]:
+    """Run-level columns present in ``frame`` (always including ``run``)."""
+    sweep = [c for c in frame.columns if c.startswith("sweep.")]
+    return ["run", *[c for c in [*RUN_COLUMNS, *sweep] if c in frame.columns and c != "run"]]
+
+
+def with_val_metric(frame: pl.DataFrame) -> pl.DataFrame:
+    """Add ``val_metric`` when a hand-made frame lacks it: ``mdm_nelbo`` for objective mdm (or runs that only
+    have it), else ``ar_nll``."""
+    if "val_metric" in frame.columns:
+        return frame
+    val = frame.filter(pl.col("split") == "val")
+    has_ar = val.group_by("run").agg((pl.col("metric") == "ar_nll").any().alias("_has_ar"))
+    frame = frame.join(has_ar, on="run", how="left")
+    objective = pl.col("objective") if "objective" in frame.columns else pl.lit(None, dtype=pl.String)
+    choice = (pl.when((objective == "mdm") | ~pl.col("_has_ar").fill_null(False)).then(pl.lit("mdm_nelbo"))
+              .otherwise(pl.lit("ar_nll")))
+    return frame.with_columns(choice.alias("val_metric")).drop("_has_ar")
+
+
+def validation_rows(frame: pl.DataFrame, metric: str = "val_loss") -> pl.DataFrame:
+    """The validation curve rows used for ``metric`` (``val_loss``: each run's own ``val_metric``)."""
+    if metric == "val_loss":
+        frame = with_val_metric(frame)
+        rows = frame.filter((pl.col("split") == "val") & (pl.col("metric") == pl.col("val_metric")))
+    else:
+        rows = frame.filter((pl.col("split") == "val") & (pl.col("metric") == metric))
+    return rows.sort([c for c in ("order", "seed", "run", "step") if c in rows.columns], nulls_last=True)
+
+
+def unigram_entropy(frame: pl.DataFrame) -> float | None:
+    """The context-free baseline (mean over runs; equal for runs sharing a tokenizer and validation set)."""
+    rows = frame.filter((pl.col("split") == "val") & (pl.col("metric") == "unigram_entropy"))
+    return float(rows.group_by("run").agg(pl.col("value").first())["value"].mean()) if rows.height else None
+
+
+def best_validation(frame: pl.DataFrame, metric: str = "val_loss") -> pl.DataFrame:
+    """Per run: best (minimum) validation loss and where it occurs, and the final value."""
+    rows = validation_rows(frame, metric)
+    keys = _run_keys(rows)
+    return rows.group_by(keys, maintain_order=True).agg(
+        pl.col("metric").first().alias("metric"),
+        pl.col("value").min().alias("best"),
+        pl.col("epoch").get(pl.col("value").arg_min()).alias("best_epoch"),
+        pl.col("tokens_seen").get(pl.col("value").arg_min()).alias("best_tokens"),
+        pl.col("step").get(pl.col("value").arg_min()).alias("best_step"),
+        pl.col("value").last().alias("final"),
+        pl.col("epoch").last().alias("final_epoch"),
+        pl.col("tokens_seen").last().alias("final_tokens"),
+        pl.len().alias("evals"),
+    ).with_columns((pl.col("final") - pl.col("best")).alias("final_minus_best"))
+
+
+def overfitting_onset(frame: pl.DataFrame, tolerance: float = 0.01, metric: str = "val_loss") -> pl.DataFrame:
+    """Per run: the first epoch whose validation loss exceeds the running minimum by more than ``tolerance``."""
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    rows = validation_rows(frame, metric)
+    keys = _run_keys(rows)
+    rows = rows.with_columns(pl.col("value").cum_min().over("run").alias("_running_min"))
+    rows = rows.with_columns((pl.col("value") - pl.col("_running_min") > tolerance).alias("_rise"))
+    first = pl.col("_rise").arg_max()
+    return rows.group_by(keys, maintain_order=True).agg(
+        pl.col("metric").first().alias("metric"),
+        pl.col("_rise").any().alias("overfit"),
+        pl.when(pl.col("_rise").any()).then(pl.col("epoch").get(first)).alias("onset_epoch"),
+        pl.when(pl.col("_rise").any()).then(pl.col("tokens_seen").get(first)).alias("onset_tokens"),
+        pl.when(pl.col("_rise").any()).then(pl.col("step").get(first)).alias("onset_step"),
+        pl.when(pl.col("_rise").any()).then(pl.col("_running_min").get(first)).alias("min_before_onset"),
+        (pl.col("value").last() - pl.col("value").min()).alias("final_minus_best"),
+    ).with_columns(pl.lit(tolerance).alias("tolerance"))
+
+
+def tokens_to_target(frame: pl.DataFrame, target: float, metric: str = "val_loss", direction: str = "below",
+                     interpolate: bool = False) -> pl.DataFrame:
+    """Per run: the first tokens_seen (and epoch) at which ``metric`` reaches ``target``."""
+    if direction not in ("below", "above"):
+        raise ValueError(f"direction is 'below' (losses) or 'above' (accuracies), got {direction!r}")
+    if metric in ("val_loss", *LOSS_METRICS):
+        rows = validation_rows(frame, metric)
+    else:  # e.g. a downstream accuracy: frame pre-filtered by the caller to one split
+        rows = frame.filter(pl.col("metric") == metric)
+        rows = rows.sort([c for c in ("order", "seed", "run", "step") if c in rows.columns], nulls_last=True)
+    keys = _run_keys(rows)
+    hit = pl.col("value") <= target if direction == "below" else pl.col("value") >= target
+    rows = rows.with_columns(hit.alias("_hit"),
+                             pl.col("tokens_seen").shift(1).over("run").alias("_prev_tokens"),
+                             pl.col("value").shift(1).over("run").alias("_prev_value"),
+                             pl.col("epoch").shift(1).over("run").alias("_prev_epoch"))
+    first = pl.col("_hit").arg_max()
+    table = rows.group_by(keys, maintain_order=True).agg(
+        pl.col("metric").first().alias("metric"),
+        pl.col("_hit").any().alias("reached"),
+        pl.col("tokens_seen").get(first).cast(pl.Float64).alias("_tokens"),
+        pl.col("epoch").get(first).alias("_epoch"),
+        pl.col("value").get(first).alias("_value"),
+        pl.col("_prev_tokens").get(first).cast(pl.Float64).alias("_p_tokens"),
+        pl.col("_prev_epoch").get(first).alias("_p_epoch"),
+        pl.col("_prev_value").get(first).alias("_p_value"),
+    )
+    if interpolate:
+        # linear between the evaluation before the crossing and the crossing (if there is one before it)
+        span = pl.col("_value") - pl.col("_p_value")
+        fraction = pl.when(pl.col("_p_value").is_not_null() & (span != 0)).then(
+            (pl.lit(target) - pl.col("_p_value")) / span).otherwise(1.0).clip(0.0, 1.0)
+        tokens = pl.col("_p_tokens") + fraction * (pl.col("_tokens") - pl.col("_p_tokens"))
+        epoch = pl.col("_p_epoch") + fraction * (pl.col("_epoch") - pl.col("_p_epoch"))
+        table = table.with_columns(pl.coalesce(tokens, pl.col("_tokens")).alias("_tokens"),
+                                   pl.coalesce(epoch, pl.col("_epoch")).alias("_epoch"))
+    return table.with_columns(
+        pl.when(pl.col("reached")).then(pl.col("_tokens")).alias("tokens"),
+        pl.when(pl.col("reached")).then(pl.col("_epoch")).alias("epoch"),
+        pl.lit(target).alias("target"),
+    ).drop([c for c in table.columns if c.startswith("_")])
+
+
+def speedup(table: pl.DataFrame, baseline: str, by: str = "variant") -> pl.DataFrame:
+    """Per ``by`` value: mean tokens-to-target over the seeds that reached it and the speed-up over
+    ``baseline`` (baseline tokens / variant tokens; > 1 means fewer tokens than the baseline)."""
+    if baseline not in table[by].to_list():
+        raise ValueError(f"baseline {baseline!r} is not a {by}; choose one of {sorted(set(table[by].to_list()))}")
+    per = table.group_by(by, maintain_order=True).agg(
+        pl.col("tokens").mean().alias("tokens_mean"),
+        pl.col("reached").sum().alias("seeds_reached"),
+        pl.len().alias("seeds"),
+    )
+    base = per.filter(pl.col(by) == baseline)["tokens_mean"][0]
+    return per.with_columns((pl.lit(base, dtype=pl.Float64) / pl.col("tokens_mean")).alias("speedup"),
+                            pl.lit(baseline).alias("baseline"))
+
+
+def downstream_accuracy(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per run and task (plus ``average``): final and best acc / acc_norm and the epoch of the best."""
+    rows = frame.filter(~pl.col("split").is_in(NON_TASK_SPLITS) & pl.col("metric").is_in(ACCURACY_METRICS))
+    keys = _run_keys(rows)
+    if rows.is_empty():
+        return pl.DataFrame(schema={**{k: frame.schema[k] for k in keys}, "task": pl.String})
+    tasks = rows.rename({"split": "task"})
+    average = (tasks.group_by([*keys, "step", "epoch", "tokens_seen", "metric"], maintain_order=True)
+               .agg(pl.col("value").mean(), pl.col("task").n_unique().alias("_n"))
+               .with_columns(pl.lit("average").alias("task")))
+    n_tasks = tasks.group_by("run", "metric").agg(pl.col("task").n_unique().alias("_all"))
+    average = average.join(n_tasks, on=["run", "metric"]).filter(pl.col("_n") == pl.col("_all")).drop("_n", "_all")
+    combined = pl.concat([tasks.select([*keys, "task", "step", "epoch", "tokens_seen", "metric", "value"]),
+                          average.select([*keys, "task", "step", "epoch", "tokens_seen", "metric", "value"])])
+    combined = combined.sort(["run", "task", "metric", "step"])
+    per = combined.group_by([*keys, "task", "metric"], maintain_order=True).agg(
+        pl.col("value").last().alias("final"),
+        pl.col("value").max().alias("best"),
+        pl.col("epoch").get(pl.col("value").arg_max()).alias("best_epoch"),
+    )
+    wide = per.pivot(on="metric", index=[*keys, "task"], values=["final", "best", "best_epoch"])
+    order = ["final_acc", "best_acc", "best_epoch_acc", "final_acc_norm", "best_acc_norm", "best_epoch_acc_norm"]
+    return wide.select([*keys, "task", *[c for c in order if c in wide.columns]])
+
+
+def seed_summary(table: pl.DataFrame, values: Sequence[str], by: Sequence[str] = ("variant",)) -> pl.DataFrame:
+    """Mean, standard deviation (ddof 1), min, max and count over seeds of each column in ``values``."""
+    aggregations = []
+    for value in values:
+        column = pl.col(value).cast(pl.Float64)
+        aggregations += [column.mean().alias(f"{value}_mean"), column.std(ddof=1).alias(f"{value}_std"),
+                         column.min().alias(f"{value}_min"), column.max().alias(f"{value}_max")]
+    return table.group_by(list(by), maintain_order=True).agg(pl.len().alias("seeds"), *aggregations)
