@@ -13,7 +13,7 @@ from workbench.train import RunExistsError, train
 
 @pytest.mark.parametrize("objective,metric", [("ar", "ar_nll"), ("mdm", "mdm_nelbo")])
 def test_training_lowers_validation_loss_and_writes_tidy_metrics(tiny_config, results_root, objective, metric):
-    config = tiny_config({"name": f"e2e-{objective}", "objective": {"name": objective},
+    config = tiny_config({"name": f"train-{objective}", "objective": {"name": objective},
                           "trainer": {"max_duration": "3ep"}})
     summary = train(config)
     run_dir = results_root / config.name

@@ -40,9 +40,11 @@ class TidyMetricsLogger(LoggerDestination):
     """Turns Composer's metric stream into tidy rows in ``metrics.parquet`` (see workbench.results).
 
     Train loss is averaged over ``log_interval`` batches (Composer already reduced it to a float); evaluation
-    metrics arrive once per evaluation. The file is rewritten atomically after each evaluation, at each
-    checkpoint and at the end, so a killed run keeps every row up to its last flush; on resume, rows after
-    the checkpoint's step are dropped and recomputed."""
+    metrics arrive once per evaluation. The file is rewritten atomically whenever rows were added (every
+    ``log_interval`` batches and after each evaluation), always before Composer saves a checkpoint at that batch
+    (callbacks run before loggers at BATCH_CHECKPOINT, so flushing there would come after the save and a kill in
+    between would lose the rows up to the checkpoint for good). On resume, rows after the checkpoint's step are
+    dropped and recomputed."""
 
     def __init__(self, writer: MetricsWriter, run_name: str, unique_tokens: int, log_interval: int,
                  unigram_entropy: float | None):
@@ -84,6 +86,7 @@ class TidyMetricsLogger(LoggerDestination):
             if self._tokens_per_s is not None:
                 self._row("train", "tokens_per_s", self._tokens_per_s)
             self._loss_sum, self._loss_count = 0.0, 0
+            self._flush()
 
     def eval_after_all(self, state: State, logger: Logger) -> None:
         self._flush()

@@ -27,13 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = {}
     for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name is None or not module_name.startswith(err.name):  # TODO(remove once all exist)
-                raise
-            continue
-        modules[name] = module
+        modules[name] = module = importlib.import_module(module_name)
         module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     args, extra = parser.parse_known_args(argv)
     if extra:  # KEY=VALUE overrides written after an option (argparse stops positionals at the first flag)

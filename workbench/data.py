@@ -7,6 +7,10 @@ iterator then never draws from the global RNG, which would otherwise make a run 
 
 from __future__ import annotations
 
+import fcntl
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +58,25 @@ def shard_view(path: str | Path, view: str | Path) -> Path:
     return view
 
 
+@contextmanager
+def streaming_registration_lock() -> Iterator[None]:
+    """Serialise StreamingDataset construction across the processes of this machine.
+
+    Streaming picks a shared-memory prefix by probing for a free one and then creating it; two runs starting at
+    the same moment (parallel ablation slots, Optuna workers) can pick the same prefix and one dies with
+    FileExistsError. The ranks of one distributed run register together behind a barrier, so a machine-wide lock
+    would deadlock them: it is taken only by single-process runs."""
+    if dist.get_world_size() > 1:
+        yield
+        return
+    with open(Path(tempfile.gettempdir()) / "workbench_streaming_register.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def build_loader(path: str | Path, global_batch_size: int, shuffle: bool, seed: int,
                  num_workers: int = 0, view: str | Path | None = None) -> DataSpec:
     """A Composer DataSpec over shards in ``path`` (read through ``view``, see :func:`shard_view`); the global
@@ -64,8 +87,9 @@ def build_loader(path: str | Path, global_batch_size: int, shuffle: bool, seed: 
         raise ValueError(f"data.batch_size {global_batch_size} is not divisible by the {world} devices")
     per_rank = global_batch_size // world
     local = shard_view(path, view) if view is not None else Path(path)
-    dataset = TokenShards(local=str(local), shuffle=shuffle, shuffle_seed=seed, batch_size=per_rank,
-                          allow_unsafe_types=False)
+    with streaming_registration_lock():
+        dataset = TokenShards(local=str(local), shuffle=shuffle, shuffle_seed=seed, batch_size=per_rank,
+                              allow_unsafe_types=False)
     loader = StreamingDataLoader(dataset, batch_size=per_rank, collate_fn=collate, num_workers=num_workers,
                                  drop_last=False, persistent_workers=num_workers > 0,
                                  generator=torch.Generator().manual_seed(seed))

@@ -41,8 +41,8 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 class MetricsWriter:
     """Collects tidy metric rows for one run and rewrites ``metrics.parquet`` atomically on every flush."""
 
-    def __init__(self, run_dir: str | Path, metadata: dict[str, Any]):
-        self.path = Path(run_dir) / METRICS_FILE
+    def __init__(self, run_dir: str | Path, metadata: dict[str, Any], filename: str = METRICS_FILE):
+        self.path = Path(run_dir) / filename
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.metadata = {key: json.dumps(value, default=str) for key, value in metadata.items()}
         self.rows: list[dict[str, Any]] = []
@@ -66,6 +66,13 @@ class MetricsWriter:
     def add(self, **row: Any) -> None:
         self.rows.append({key: row[key] for key in SCHEMA})
         self._dirty = True
+
+    def replace(self, rows: list[dict[str, Any]]) -> None:
+        """Add ``rows``, dropping existing rows of the same (step, split, metric) (a re-run evaluation)."""
+        keys = {(row["step"], row["split"], row["metric"]) for row in rows}
+        self.rows = [row for row in self.rows if (row["step"], row["split"], row["metric"]) not in keys]
+        for row in rows:
+            self.add(**row)
 
     def frame(self) -> pl.DataFrame:
         return pl.DataFrame(self.rows, schema=SCHEMA, orient="row")

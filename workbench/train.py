@@ -124,19 +124,50 @@ def build_scheduler(config: RunConfig):
     return ConstantWithWarmupScheduler(t_warmup=sched.warmup)
 
 
+def objective_algorithm(config: RunConfig, mask_id: int):
+    """The algorithm that installs the run's training objective; None for plain AR (the model's default)."""
+    from workbench.algorithms import DualObjectiveMixing, MaskedDiffusion, PrefixLM
+
+    objective = config.objective
+    if objective.name == "mdm":
+        return MaskedDiffusion(objective.diffusion, mask_id, objective.z_loss)
+    if objective.name == "dual":
+        return DualObjectiveMixing(objective.diffusion, objective.dual, mask_id, objective.z_loss)
+    if objective.name == "prefix_lm":
+        return PrefixLM(objective.prefix_lm, objective.z_loss)
+    return None
+
+
+def build_model(config: RunConfig, tokenizer, install_objective: bool = False):
+    """The WorkbenchLM for ``config`` (random init). Training lets the objective algorithm install the loss at
+    Event.INIT; evaluation of a checkpoint (``install_objective``) needs it installed now so scorers resolve."""
+    from workbench.lm import WorkbenchLM
+    from workbench.model import Transformer, TransformerConfig
+    from workbench.objectives import ARObjective
+
+    m = config.model
+    net = Transformer(TransformerConfig(
+        vocab_size=tokenizer.vocab_size, max_seq_len=config.data.seq_len, n_layers=m.n_layers, d_model=m.d_model,
+        n_heads=m.n_heads, mlp_ratio=m.mlp_ratio, norm=m.norm, tie_embeddings=m.tie_embeddings,
+        rope_theta=m.rope_theta, init_std=m.init_std, attention=m.attention))
+    diffusion = config.objective.diffusion
+    model = WorkbenchLM(net, tokenizer.mask_id, tokenizer.eos_id, tokenizer.vocab_size, config.shifted,
+                        tuple(config.eval_metrics), config.eval.nelbo_samples,
+                        subs=diffusion.subs if diffusion is not None else True)
+    if install_objective:
+        algorithm = objective_algorithm(config, tokenizer.mask_id)
+        model.objective = algorithm.objective if algorithm is not None else ARObjective(config.objective.z_loss)
+    return model
+
+
 def build_algorithms(config: RunConfig, mask_id: int, eos_id: int, vocab_size: int) -> list:
     from composer.algorithms import GradientClipping
 
-    from workbench.algorithms import Dropout, DualObjectiveMixing, MaskedDiffusion, PrefixLM, TokenMasking, WeightDecay
+    from workbench.algorithms import Dropout, TokenMasking, WeightDecay
 
-    objective, algos = config.objective, config.algorithms
-    out: list = []
-    if objective.name == "mdm":
-        out.append(MaskedDiffusion(objective.diffusion, mask_id, objective.z_loss))
-    elif objective.name == "dual":
-        out.append(DualObjectiveMixing(objective.diffusion, objective.dual, mask_id, objective.z_loss))
-    elif objective.name == "prefix_lm":
-        out.append(PrefixLM(objective.prefix_lm, objective.z_loss))
+    algos = config.algorithms
+    objective = objective_algorithm(config, mask_id)
+    out: list = [objective] if objective is not None else []
     if algos.token_masking is not None:
         out.append(TokenMasking(algos.token_masking, mask_id, eos_id, vocab_size))
     if algos.dropout is not None:
@@ -179,9 +210,6 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
     from datasets_prep.corpus import prepare
     from workbench.callbacks import TidyMetricsLogger
     from workbench.data import build_loader
-    from workbench.lm import WorkbenchLM
-    from workbench.model import Transformer, TransformerConfig
-
     run_dir = run_dir_for(config, run_dir)
     state = check_run_dir(config, run_dir, resume)
     downstream = config.eval.downstream
@@ -196,15 +224,8 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
         prepared = prepare(config.data, log=log)
     tokenizer = prepared.tokenizer
     seed_all(config.seed)  # before the model is built: Trainer(seed=) would come too late for the init
-    net = Transformer(TransformerConfig(
-        vocab_size=tokenizer.vocab_size, max_seq_len=config.data.seq_len, n_layers=config.model.n_layers,
-        d_model=config.model.d_model, n_heads=config.model.n_heads, mlp_ratio=config.model.mlp_ratio,
-        norm=config.model.norm, tie_embeddings=config.model.tie_embeddings, rope_theta=config.model.rope_theta,
-        init_std=config.model.init_std, attention=config.model.attention))
-    diffusion = config.objective.diffusion
-    model = WorkbenchLM(net, tokenizer.mask_id, tokenizer.eos_id, tokenizer.vocab_size, config.shifted,
-                        tuple(config.eval_metrics), config.eval.nelbo_samples,
-                        subs=diffusion.subs if diffusion is not None else True)
+    model = build_model(config, tokenizer)
+    net = model.net
 
     train_spec = build_loader(prepared.train.path, config.data.batch_size, shuffle=True, seed=config.seed,
                               num_workers=config.data.num_workers, view=run_dir / CHECKPOINTS / "shards" / "train")
@@ -215,7 +236,8 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
     if downstream is not None and downstream.tasks:
         from workbench.evaluation.tasks import build_task_evaluators
 
-        evaluators += build_task_evaluators(model, tokenizer, downstream, config.eval.interval, config.data.seq_len)
+        evaluators += build_task_evaluators(model, tokenizer, downstream, config.eval.interval, config.data.seq_len,
+                                            log=log, objective=config.objective.name)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     metadata = {"workbench.config": config.to_dict(), "workbench.algorithms": active_algorithms(config),
