@@ -488,9 +488,12 @@ class PreparedTask:
             from composer.utils import dist
 
             sampler = dist.get_sampler(items, drop_last=False, shuffle=False)
+        # its own generator: creating a DataLoader iterator draws a base seed from the global RNG otherwise, and
+        # every evaluation would shift the training run's token masks and dropout
         return torch.utils.data.DataLoader(
             items, batch_size=self.items_per_batch, shuffle=False, sampler=sampler, num_workers=0,
-            collate_fn=partial(collate_items, options=self.options, pad_id=self.pad_id))
+            collate_fn=partial(collate_items, options=self.options, pad_id=self.pad_id),
+            generator=torch.Generator().manual_seed(self.options.seed))
 
 
 def prepare_task(name: str, tokenizer, cfg: DownstreamConfig, seq_len: int, path: str | Path | None = None
