@@ -17,6 +17,7 @@ from workbench.diffusion import (
     nelbo_fixed,
     sample_times,
     time_density,
+    token_nll,
 )
 from workbench.objectives import ar_loss, prefix_lm_mask
 
@@ -231,3 +232,31 @@ def test_prefix_lm_mask_is_bidirectional_in_the_prefix_and_causal_after():
     assert mask[0, 0, 2] and mask[0, 1, 2]  # inside the prefix every token sees every prefix token
     assert not mask[0, 1, 3] and mask[0, 4, 3]  # after it, attention is causal
     assert torch.equal(mask[1], torch.tril(torch.ones(5, 5, dtype=torch.bool)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_cross_entropy_matches_fp32_values_and_gradients(dtype, monkeypatch):
+    """bf16/fp16 logits go through the chunked fp32 reduction; values and gradients equal cross-entropy on an fp32
+    copy (chunks smaller than the batch so the chunk boundaries are exercised, -inf logits as under SUBS)."""
+    import workbench.diffusion as diffusion
+
+    monkeypatch.setattr(diffusion, "CE_CHUNK_ROWS", 7)
+    generator = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 10, 50, generator=generator)).to(dtype)
+    logits[..., 4] = float("-inf")  # a SUBS-style forbidden word
+    targets = torch.randint(0, 50, (3, 10), generator=generator)
+    targets[targets == 4] = 5
+    weights = torch.rand(3, 10, generator=generator)
+
+    low = logits.clone().requires_grad_(True)
+    nll = token_nll(low, targets)
+    (nll * weights).sum().backward()
+    reference = logits.float().requires_grad_(True)
+    expected = torch.nn.functional.cross_entropy(reference.flatten(0, 1), targets.flatten(), reduction="none")
+    (expected.view(3, 10) * weights).sum().backward()
+
+    assert nll.dtype == torch.float32
+    torch.testing.assert_close(nll, expected.view(3, 10).detach(), rtol=0, atol=1e-5)
+    assert low.grad.dtype == dtype
+    torch.testing.assert_close(low.grad.float(), reference.grad.to(dtype).float(), rtol=0, atol=1e-2)
+    assert torch.all(low.grad[..., 4] == 0)
