@@ -13,10 +13,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# A demo ablation on the bundled Wikipedia slice (AR vs. AR + token masking vs. masked diffusion), then its report.
+# A demo ablation on the bundled Wikipedia slice (AR vs. AR + token masking / MLP dropout vs. masked diffusion),
+# then its report. Writes runs/demo/ (git-ignored); results/demo/ holds the committed run of the same file.
+DEMO_OUT ?= runs
 demo: setup
-	$(VENV)/bin/workbench ablate ablations/demo.yaml
-	$(VENV)/bin/workbench report results/demo
+	$(VENV)/bin/workbench ablate ablations/demo.yaml --results $(DEMO_OUT)
+	$(VENV)/bin/workbench report $(DEMO_OUT)/demo
 
 test: setup
 	$(PY) -c "from streaming.base.util import clean_stale_shared_memory as c; c()"

@@ -1,4 +1,4 @@
-"""notebooks/analysis.ipynb runs top to bottom (nbclient) on the shared smoke ablation, so it cannot silently break."""
+"""results/analysis.ipynb runs top to bottom (nbclient) on the shared smoke ablation, so it cannot silently break."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from nbclient import NotebookClient
 
 from workbench.paths import REPO_ROOT
 
-NOTEBOOK = REPO_ROOT / "notebooks" / "analysis.ipynb"
+NOTEBOOK = REPO_ROOT / "results" / "analysis.ipynb"
 
 
 @pytest.mark.slow
