@@ -264,7 +264,11 @@ def test_report_writes_tables_and_figures(smoke_root, tmp_path, capsys):
         assert (out / f"{name}.csv").is_file() and (out / f"{name}.md").read_text().startswith("| ")
     for name in ("val_loss_vs_epoch", "val_loss_vs_tokens", "best_loss_vs_strength"):
         assert (out / f"{name}.png").stat().st_size > 5000 and (out / f"{name}.svg").is_file()
-    assert not (out / "alpha_repetition_heatmap.png").exists() and not (out / "downstream.csv").exists()
+    assert not (out / "alpha_repetition_heatmap.png").exists()  # no dual-ratio axis in this ablation
+    downstream = pl.read_csv(out / "downstream.csv")  # the demo evaluates PIQA and ARC-Easy at the end
+    assert set(downstream["task"]) == {"piqa", "arc_easy", "average"} and set(downstream["variant"]) == {"ar", "mask",
+                                                                                                       "mdm"}
+    assert downstream["final_acc"].is_between(0, 1).all() and (out / "downstream_acc_vs_epoch.png").is_file()
     index = (out / "report.md").read_text()
     assert "![val_loss_vs_epoch](val_loss_vs_epoch.png)" in index and "Unigram entropy" in index
     headline = pl.read_csv(out / "headline.csv")
