@@ -184,7 +184,7 @@ def workbench_trainer(shape: Shape, device: str, steps: int, warmup: int, compil
     config = config_from_dict({
         "name": name,
         "data": {"seq_len": shape.seq_len, "batch_size": shape.batch_size, "unique_tokens": prepared.train.manifest[
-            "num_tokens"]},
+            "num_tokens"], "num_workers": 2 if device == "cuda" else 0},  # on a GPU, batches load beside the step
         "model": {"n_layers": shape.n_layers, "d_model": shape.d_model, "n_heads": shape.n_heads,
                   "compile": compile_model},
         "objective": {"name": objective},

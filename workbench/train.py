@@ -252,6 +252,12 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
         log(f"[train] resuming {config.name} from {os.path.realpath(load_path)}")
 
     logging.getLogger("composer").setLevel(logging.WARNING)
+    if not os.environ.get("ENGINE_DEBUG"):
+        from composer.core.engine import Engine
+
+        # Composer 0.32.1 (its last release) formats a timestamp string for every event x callback even when engine
+        # debugging is off: ~0.5 ms of host time per step (measured, 1-layer model on CPU), all of it discarded
+        Engine._debug_log = lambda self, event, msg: None
     trainer = Trainer(
         model=model,
         train_dataloader=train_spec,
