@@ -8,7 +8,9 @@ iterator then never draws from the global RNG, which would otherwise make a run 
 from __future__ import annotations
 
 import fcntl
+import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,8 +55,11 @@ def shard_view(path: str | Path, view: str | Path) -> Path:
         if item.name == "index.json" or item.suffix == ".mds":
             link = view / item.name
             if not (link.is_symlink() and link.resolve() == item):
-                link.unlink(missing_ok=True)
-                link.symlink_to(item)
+                # made under a temporary name and renamed (atomic): the ranks of a distributed run build the same
+                # view at the same moment, and none may see a missing link or trip over another's
+                temporary = view / f".{item.name}.{uuid.uuid4().hex}"
+                temporary.symlink_to(item)
+                os.replace(temporary, link)
     return view
 
 
