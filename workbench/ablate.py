@@ -79,7 +79,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workbench.config import ConfigError, RunConfig, config_from_dict, deep_merge, parse_count, read_yaml, set_dotted
+from workbench.config import (
+    ConfigError,
+    RunConfig,
+    check_keys,
+    config_from_dict,
+    deep_merge,
+    parse_count,
+    read_yaml,
+    set_dotted,
+)
 
 VARIANT_FILE = "variant.json"
 TOP_KEYS = ("name", "description", "base", "seeds", "variants", "grid", "zip", "repetition", "smoke", "parallel")
@@ -284,9 +293,7 @@ def parse_repetition(raw: Any, source: str, key: str) -> list[tuple[str, dict[st
     if not isinstance(raw, dict):
         raise ConfigError(source, key, "expected a mapping with unique_tokens and/or epochs (and optional "
                           "total_tokens)")
-    for name in raw:
-        if name not in REPETITION_KEYS:
-            raise ConfigError(source, f"{key}.{name}", f"unknown key; allowed: {', '.join(REPETITION_KEYS)}")
+    check_keys(raw, REPETITION_KEYS, source, key)
 
     def counts(name: str, parse: Callable[[Any], int]) -> list[int] | None:
         if name not in raw:
@@ -410,10 +417,7 @@ def _smoke_section(data: dict[str, Any], source: str) -> dict[str, Any]:
         raise ConfigError(source, "smoke", "--smoke needs a smoke: block in the ablation file")
     if not isinstance(raw, dict):
         raise ConfigError(source, "smoke", "expected a mapping with overrides, seeds, grid, zip, repetition")
-    for key in raw:
-        if key not in SMOKE_KEYS:
-            raise ConfigError(source, f"smoke.{key}", f"unknown key; allowed: {', '.join(SMOKE_KEYS)} "
-                              "(run-config changes go under smoke.overrides)")
+    check_keys(raw, SMOKE_KEYS, source, "smoke", hint=" (run-config changes go under smoke.overrides)")
     return raw
 
 
@@ -436,9 +440,7 @@ def load_ablation(path: str | Path, smoke: bool = False, only: Iterable[str] | N
     path = Path(path)
     source = str(path)
     data = read_yaml(path)
-    for key in data:
-        if key not in TOP_KEYS:
-            raise ConfigError(source, key, f"unknown key; allowed: {', '.join(TOP_KEYS)}")
+    check_keys(data, TOP_KEYS, source)
     name = str(data.get("name") or path.stem)
     if not _NAME.fullmatch(name):
         raise ConfigError(source, "name", f"use letters, digits, '-', '_', '.' (it names a folder), got {name!r}")

@@ -562,6 +562,16 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     raise TypeError(f"unsupported config type {tp!r} at {key}")
 
 
+def check_keys(values: dict[str, Any], allowed: tuple[str, ...], source: str, prefix: str = "",
+               hint: str = "") -> None:
+    """Reject the first key of ``values`` not in ``allowed``: ``<source>: <prefix>.<key>: unknown key; allowed: ...``
+    (for the ablation and study files, whose sections are plain mappings rather than dataclasses)."""
+    for name in values:
+        if name not in allowed:
+            raise ConfigError(source, f"{prefix}.{name}" if prefix else str(name),
+                              f"unknown key; allowed: {', '.join(allowed)}{hint}")
+
+
 def build_dataclass(cls: type, values: dict[str, Any], source: str = "<config>", prefix: str = "") -> Any:
     """Build ``cls`` from a mapping, naming ``source`` and the dotted key in every error."""
     if not isinstance(values, dict):

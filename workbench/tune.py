@@ -104,6 +104,7 @@ import yaml
 from workbench.config import (
     ConfigError,
     RunConfig,
+    check_keys,
     config_from_dict,
     deep_merge,
     parse_count,
@@ -239,9 +240,7 @@ def parse_param(path: str, raw: Any, source: str) -> Param:
     if not isinstance(raw, dict):
         raise ConfigError(source, key, "expected a mapping such as {low: 0.0, high: 0.5}, "
                           "{type: int, low: 1, high: 4} or {choices: [a, b]}")
-    for name in raw:
-        if name not in PARAM_KEYS:
-            raise ConfigError(source, f"{key}.{name}", f"unknown key; allowed: {', '.join(PARAM_KEYS)}")
+    check_keys(raw, PARAM_KEYS, source, key)
     kind = raw.get("type", "categorical" if "choices" in raw else "float")
     if kind not in ("float", "int", "categorical", "bool"):
         raise ConfigError(source, f"{key}.type", f"{kind!r} is not one of float, int, categorical, bool")
@@ -331,9 +330,7 @@ def parse_objective(raw: Any, source: str, key: str) -> Objective:
         raw = {"metric": raw}
     if not isinstance(raw, dict):
         raise ConfigError(source, key, "expected {metric: val/ar_nll, reduce: best, direction: minimize}")
-    for name in raw:
-        if name not in ("metric", "reduce", "direction"):
-            raise ConfigError(source, f"{key}.{name}", "unknown key; allowed: metric, reduce, direction")
+    check_keys(raw, ("metric", "reduce", "direction"), source, key)
     metric = raw.get("metric")
     if not isinstance(metric, str) or metric.count("/") != 1 or not all(metric.split("/")):
         raise ConfigError(source, f"{key}.metric", f"expected split/metric such as val/ar_nll or "
@@ -445,16 +442,12 @@ def load_study_spec(path: str | Path, smoke: bool = False, trials: int | None = 
     path = Path(path)
     source = str(path)
     raw = read_yaml(path)
-    for key in raw:
-        if key not in STUDY_KEYS:
-            raise ConfigError(source, key, f"unknown key; allowed: {', '.join(STUDY_KEYS)}")
+    check_keys(raw, STUDY_KEYS, source)
     smoke_block = raw.pop("smoke", None)
     if smoke:
         if not isinstance(smoke_block, dict):
             raise ConfigError(source, "smoke", "--smoke needs a smoke: mapping merged over this study")
-        for key in smoke_block:
-            if key not in STUDY_KEYS or key == "smoke":
-                raise ConfigError(source, f"smoke.{key}", f"unknown key; allowed: {', '.join(STUDY_KEYS[:-1])}")
+        check_keys(smoke_block, STUDY_KEYS[:-1], source, "smoke")  # everything but smoke itself
         name = raw.get("name")
         raw = deep_merge(raw, smoke_block)
         if "name" not in smoke_block and isinstance(name, str):
@@ -530,9 +523,7 @@ def load_study_spec(path: str | Path, smoke: bool = False, trials: int | None = 
                                 ("heartbeat", heartbeat, ("interval", "grace_period"))):
         if not isinstance(block, dict):
             raise ConfigError(source, key, f"expected a mapping with {', '.join(allowed)}")
-        for option in block:
-            if option not in allowed:
-                raise ConfigError(source, f"{key}.{option}", f"unknown key; allowed: {', '.join(allowed)}")
+        check_keys(block, allowed, source, key)
     max_retry, retry_errors = retry.get("max_retry", 2), retry.get("errors", False)
     if not isinstance(max_retry, int) or isinstance(max_retry, bool) or max_retry < 0:
         raise ConfigError(source, "retry.max_retry", "must be an integer >= 0")

@@ -251,24 +251,26 @@ def _token_views(rows: Rows, left_to_right: bool) -> tuple[int, ViewFn]:
     return int(view_rows.shape[0]), views
 
 
-def score_chain(net, rows: Rows, *, mask_id: int, shifted: bool, vocab_size: int, subs: bool = True,
-                rows_per_forward: int = 64, cfg_weight: float = 0.0) -> RowScores:
-    """Chain rule: unmask the continuation left to right; all (row, token) views batched."""
-    n_views, views = _token_views(rows, left_to_right=True)
+def _score_token_views(net, rows: Rows, left_to_right: bool, mask_id: int, shifted: bool, vocab_size: int,
+                       subs: bool, rows_per_forward: int, cfg_weight: float) -> RowScores:
+    """One forward view per (row, continuation token), all batched; the scores are exact (no estimator error)."""
+    n_views, views = _token_views(rows, left_to_right=left_to_right)
     options = _mdm_options(mask_id, shifted, subs, vocab_size, cfg_weight)
     view_row, values, wrong = run_views(net, rows, n_views, views, rows_per_forward, **options)
     zeros = torch.zeros(rows.n, dtype=torch.float64, device=values.device)
     return RowScores(_per_row(rows, view_row, values), zeros, _per_row(rows, view_row, wrong) == 0)
+
+
+def score_chain(net, rows: Rows, *, mask_id: int, shifted: bool, vocab_size: int, subs: bool = True,
+                rows_per_forward: int = 64, cfg_weight: float = 0.0) -> RowScores:
+    """Chain rule: unmask the continuation left to right; all (row, token) views batched."""
+    return _score_token_views(net, rows, True, mask_id, shifted, vocab_size, subs, rows_per_forward, cfg_weight)
 
 
 def score_pll(net, rows: Rows, *, mask_id: int, shifted: bool, vocab_size: int, subs: bool = True,
               rows_per_forward: int = 64, cfg_weight: float = 0.0) -> RowScores:
     """Pseudo-log-likelihood: each continuation token masked alone (not a normalised likelihood)."""
-    n_views, views = _token_views(rows, left_to_right=False)
-    options = _mdm_options(mask_id, shifted, subs, vocab_size, cfg_weight)
-    view_row, values, wrong = run_views(net, rows, n_views, views, rows_per_forward, **options)
-    zeros = torch.zeros(rows.n, dtype=torch.float64, device=values.device)
-    return RowScores(_per_row(rows, view_row, values), zeros, _per_row(rows, view_row, wrong) == 0)
+    return _score_token_views(net, rows, False, mask_id, shifted, vocab_size, subs, rows_per_forward, cfg_weight)
 
 
 # --------------------------------------------------------------------------------------------------------------

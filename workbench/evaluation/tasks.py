@@ -48,9 +48,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchmetrics import Metric
 
 from workbench.config import ConfigError, DownstreamConfig
+from workbench.lm import TokenMean
 from workbench.paths import data_dir
 
 MULTIPLE_CHOICE, SCHEMA, LANGUAGE_MODELING = "multiple_choice", "schema", "language_modeling"
@@ -398,28 +398,21 @@ def tokens_in_batch(batch: dict[str, Any]) -> int:
 # metrics
 
 
-class TaskMetric(Metric):
-    """A task metric from two device-side sums (num, den), reduced across ranks; see the module docstring."""
+class TaskMetric(TokenMean):
+    """A task metric from two device-side sums (numerator in ``total``, denominator in ``count``), reduced across
+    ranks like the validation metrics; see the module docstring."""
 
-    full_state_update = False
     KINDS = ("acc", "acc_norm", "stderr", "ppl", "elbo_stderr", "truncated")
 
     def __init__(self, key: str):
-        super().__init__()
         if key not in self.KINDS:
             raise ValueError(f"unknown task metric {key!r}; allowed: {', '.join(self.KINDS)}")
-        self.key = key
-        self.add_state("num", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("den", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, num: torch.Tensor, den: torch.Tensor) -> None:
-        self.num += num.double()
-        self.den += den.double()
+        super().__init__(key)
 
     def compute(self) -> torch.Tensor:
-        mean = self.num / self.den
+        mean = super().compute()
         if self.key == "stderr":  # binomial standard error of acc, with the sample variance's n - 1
-            return torch.where(self.den > 1, (mean * (1 - mean) / (self.den - 1).clamp(min=1)).sqrt(),
+            return torch.where(self.count > 1, (mean * (1 - mean) / (self.count - 1).clamp(min=1)).sqrt(),
                                torch.full_like(mean, math.nan))
         if self.key == "ppl":
             return mean.clamp(max=700.0).exp()
