@@ -17,11 +17,11 @@ from conftest import TINY
 from optuna.trial import TrialState
 
 from workbench import train as train_module
-from workbench import tune
 from workbench.cli import main
 from workbench.config import ConfigError, deep_merge
 from workbench.results import read_metrics, read_summary
-from workbench.tune import load_study_spec
+from workbench.tune import worker as tune_worker
+from workbench.tune.spec import load_study_spec
 
 STUDIES = sorted((Path(__file__).resolve().parent.parent / "ablations" / "studies").glob("*.yaml"))
 # every trial: 8 batches of 16 x 64 tokens, the objective evaluated after 4 and 8 batches
@@ -109,7 +109,7 @@ def test_worker_loop_grid_and_top_up(tmp_path, results_root, monkeypatch):
         _, values = spec.trial_values(lambda p: p.suggest(trial))
         return [values["optimizer.lr"] * (2.0 if values.get("algorithms.dropout") else 1.0)]
 
-    monkeypatch.setattr(tune, "run_trial", objective)
+    monkeypatch.setattr(tune_worker, "run_trial", objective)
     space = {"optimizer.lr": {"low": 1e-3, "high": 3e-3, "grid": [1e-3, 2e-3, 3e-3]},
              "algorithms.dropout": {"choices": {"off": None, "on": {"mlp": 0.1}}}}
     path = write_study(tmp_path, "grid", search_space=space, sampler="grid", n_trials=6)
@@ -194,7 +194,7 @@ def test_sqlite_study_prunes_fails_and_summarizes(tmp_path, results_root, monkey
     assert len(study.get_trials()) == 4
     changed = write_study(tmp_path, "designed", n_trials=4, search_space={"optimizer.lr": {"low": 1e-5, "high": 0.1}})
     with pytest.raises(ConfigError, match="differs from study 'designed'"):
-        from workbench.tune import connect, open_study
+        from workbench.tune.study import connect, open_study
 
         spec = load_study_spec(changed)
         open_study(spec, connect(spec, f"sqlite:///{results_root / 'designed' / 'study.db'}"), "sqlite")

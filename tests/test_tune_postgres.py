@@ -30,7 +30,7 @@ from datasets_prep.corpus import prepare
 from workbench.cli import main
 from workbench.config import deep_merge
 from workbench.results import read_metrics, read_summary
-from workbench.tune import storage_url
+from workbench.tune.study import storage_url
 
 IN_CI = bool(os.environ.get("CI"))
 
