@@ -686,4 +686,55 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
 
 
 def dump_config(config: RunConfig) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    """The YAML a run folder stores (``config.yaml``), headed by its schema version (see :func:`config_differences`)."""
+    header = f"# workbench run config, schema {CONFIG_SCHEMA_VERSION}\n"
+    return header + yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# run identity: is a stored config.yaml the same run as this config?
+
+# Bump when an existing key changes meaning (adding a key with a default needs no bump: stored runs get the default).
+# A stored config.yaml without the header line predates versioning and is schema 1.
+CONFIG_SCHEMA_VERSION = 1
+_SCHEMA_LINE = re.compile(r"#\s*workbench run config, schema (\d+)\s*$", re.MULTILINE)
+
+
+def stored_schema_version(text: str) -> int:
+    """The schema version in a stored config.yaml's header (1 when there is none: written before versioning)."""
+    match = _SCHEMA_LINE.search(text)
+    return int(match.group(1)) if match else 1
+
+
+def _value_differences(stored: Any, current: Any, prefix: str) -> list[str]:
+    if isinstance(stored, dict) and isinstance(current, dict):
+        out = []
+        for key in [*stored, *(k for k in current if k not in stored)]:
+            out += _value_differences(stored.get(key), current.get(key), f"{prefix}.{key}" if prefix else str(key))
+        return out
+    return [] if stored == current else [f"{prefix} (stored {stored!r}, now {current!r})"]
+
+
+def config_differences(path: str | Path, config: RunConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys (with both values) where the run config stored at ``path`` differs from ``config``.
+
+    Compared by value, not by text: the stored YAML is re-validated by today's loader, so a key added to the
+    schema since the run was written takes its default and does not make the run "changed". ``ignore`` lists
+    top-level or dotted keys left out (e.g. ``name`` when a retried trial adopts another folder's run). Raises
+    :class:`ConfigError` when the file is unreadable, invalid under today's schema, or of another schema version."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(str(path), "", f"cannot be read: {err}") from None
+    version = stored_schema_version(text)
+    if version != CONFIG_SCHEMA_VERSION:
+        raise ConfigError(str(path), "", f"written with config schema {version}, this workbench reads schema "
+                          f"{CONFIG_SCHEMA_VERSION}; keys may have changed meaning, so it cannot be compared")
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(str(path), "", f"not valid YAML: {err}") from None
+    stored = config_from_dict(values if values is not None else {}, str(path)).to_dict()
+    return [d for d in _value_differences(stored, config.to_dict(), "")
+            if not any(d == key or d.startswith((f"{key} ", f"{key}.")) for key in ignore)]

@@ -56,12 +56,20 @@ def run_dir_for(config: RunConfig, run_dir: str | Path | None = None) -> Path:
 
 def check_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> str:
     """'new', 'resume' or 'complete'; refuses a changed config or an existing run without ``resume``."""
+    from workbench.config import config_differences
+
     config_path = run_dir / CONFIG_FILE
     if not config_path.exists():
         return "new"
-    if config_path.read_text() != dump_config(config):
-        raise RunExistsError(f"{run_dir} holds a run with a different config ({config_path}); refusing to mix "
-                             "results: choose another run name or delete the folder")
+    try:  # by value: a key added to the schema since the run was stored takes its default and changes nothing
+        differences = config_differences(config_path, config)
+    except ConfigError as err:
+        raise RunExistsError(f"{run_dir} holds a run with a different config that cannot be compared ({err}); "
+                             "refusing to mix results: choose another run name or delete the folder") from None
+    if differences:
+        raise RunExistsError(f"{run_dir} holds a run with a different config ({config_path}: "
+                             f"{'; '.join(differences)}); refusing to mix results: choose another run name or "
+                             "delete the folder")
     summary = read_summary(run_dir) or {}
     if summary.get("status") == "complete":
         return "complete"

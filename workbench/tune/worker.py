@@ -16,8 +16,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from workbench.paths import prepared_dir, results_dir
 from workbench.tune.study import make_pruner, make_sampler
 
@@ -153,15 +151,14 @@ def _adopt_attempt(previous: Path, run_dir: Path, config: RunConfig, log: Callab
 
     import polars as pl
 
-    from workbench.config import dump_config
+    from workbench.config import ConfigError, config_differences, dump_config
     from workbench.results import CHECKPOINTS, CONFIG_FILE, METRICS_FILE, read_metrics, read_summary, write_summary
     from workbench.train import LATEST_CHECKPOINT
 
-    try:
-        old = yaml.safe_load((previous / CONFIG_FILE).read_text())
-    except (OSError, yaml.YAMLError):
-        return False
-    if not isinstance(old, dict) or {**old, "name": config.name} != config.to_dict():
+    try:  # the same run identity as workbench.train.check_run_dir: by value, defaults filled, name aside
+        if config_differences(previous / CONFIG_FILE, config, ignore=("name",)):
+            return False
+    except ConfigError:
         return False
     summary = read_summary(previous) or {}
     complete = summary.get("status") == "complete"
