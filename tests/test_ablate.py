@@ -14,6 +14,7 @@ from ablation_smoke import SMOKE_VARIANTS, smoke_results
 from conftest import TINY
 
 from workbench import ablate
+from workbench.commands import ablate as ablate_command
 from workbench.config import ConfigError, dump_config, load_run_config
 from workbench.paths import REPO_ROOT
 from workbench.results import MetricsWriter, read_summary, write_summary
@@ -29,7 +30,7 @@ def write_ablation(tmp_path: Path, body: dict, name: str = "abl.yaml") -> Path:
 
 def cli_args(path: Path, **overrides) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    ablate.add_arguments(parser)
+    ablate_command.add_arguments(parser)
     args = parser.parse_args([str(path), "--no-probe"])
     for key, value in overrides.items():
         setattr(args, key, value)
@@ -170,7 +171,7 @@ def test_unknown_only_variant_is_refused(tmp_path):
     path = write_ablation(tmp_path, {"variants": {"ar": {}, "mdm": {"objective.name": "mdm"}}})
     with pytest.raises(ConfigError, match=r"abl.yaml: --only: unknown variant 'mmd'; variants: ar, mdm"):
         ablate.load_ablation(path, only=["mmd"])
-    assert ablate.run(cli_args(path, only=["ar,mdm"], dry_run=True)) == 0
+    assert ablate_command.run(cli_args(path, only=["ar,mdm"], dry_run=True)) == 0
 
 
 @pytest.mark.parametrize("smoke", [False, True], ids=["full", "smoke"])
@@ -238,7 +239,7 @@ def test_runner_skips_complete_resumes_failed_and_refuses_changed_configs(tmp_pa
 
     monkeypatch.setattr("workbench.train.train", fake_train)
     monkeypatch.setattr(ablate, "prepare_data", lambda runs, log=print: None)
-    assert ablate.run(cli_args(path)) == 0
+    assert ablate_command.run(cli_args(path)) == 0
     plan = capsys.readouterr().out
     assert "complete" in plan and "resume (was failed)" in plan and "new" in plan
     assert calls == [("states-broken-seed7", runs["broken"].run_dir, True),
@@ -252,7 +253,7 @@ def test_runner_skips_complete_resumes_failed_and_refuses_changed_configs(tmp_pa
     (runs["fresh"].run_dir / "config.yaml").write_text(dump_config(runs["fresh"].config))
     write_summary(runs["fresh"].run_dir, status="complete")
     path.write_text(path.read_text().replace("0.001", "0.0005"))
-    assert ablate.run(cli_args(path)) == 2
+    assert ablate_command.run(cli_args(path)) == 2
     captured = capsys.readouterr()
     assert "CHANGED" in captured.out and "different config" in captured.err
     assert str(runs["fresh"].run_dir) in captured.err
@@ -284,9 +285,9 @@ def test_estimate_uses_measured_throughput_then_a_probe(tmp_path, results_root):
 def test_devices_are_checked_against_the_machine(tmp_path):
     path = write_ablation(tmp_path, {"variants": {"ar": {}}})
     with pytest.raises(ConfigError, match=r"--devices: '0,1': this machine has 0 CUDA device\(s\)"):
-        ablate.run(cli_args(path, devices="0,1"))
+        ablate_command.run(cli_args(path, devices="0,1"))
     with pytest.raises(ConfigError, match="--nproc: processes per run need --launcher composer"):
-        ablate.run(cli_args(path, nproc=2))
+        ablate_command.run(cli_args(path, nproc=2))
 
 
 def test_slots_split_cpus_and_gpus():
@@ -322,7 +323,7 @@ def test_smoke_ablation_runs_end_to_end_and_skips_completed_runs(capsys):
         assert metrics.filter(pl.col("split") == "val")["step"].n_unique() == 7  # entropy row + 6 evaluations
         assert (run_dir / "checkpoints" / "train.log").is_file()
     mtime = (root / "ar" / "seed0" / "metrics.parquet").stat().st_mtime_ns
-    args = cli_args(ablate.Path(str(REPO_ROOT / "ablations" / "demo.yaml")), smoke=True, only=list(SMOKE_VARIANTS))
-    assert ablate.run(args) == 0
+    args = cli_args(Path(str(REPO_ROOT / "ablations" / "demo.yaml")), smoke=True, only=list(SMOKE_VARIANTS))
+    assert ablate_command.run(args) == 0
     assert "all 3 runs are complete; nothing to do" in capsys.readouterr().out
     assert (root / "ar" / "seed0" / "metrics.parquet").stat().st_mtime_ns == mtime

@@ -1,0 +1,109 @@
+"""``workbench ablate ABLATION.yaml``: argument parsing and the command's flow (plan, refuse, prepare, run);
+the library is :mod:`workbench.ablate`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from workbench.config import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ablation", help="ablation YAML (see ablations/)")
+    parser.add_argument("--dry-run", action="store_true", help="expand, validate and print the plan; train nothing")
+    parser.add_argument("--only", action="append", default=[], metavar="VARIANT",
+                        help="run only these variants: names, group names or shell patterns (repeatable, or "
+                        "comma-separated)")
+    parser.add_argument("--smoke", action="store_true", help="apply the file's smoke: block (tiny, CPU-sized runs)")
+    parser.add_argument("--parallel", type=int, default=None, metavar="N",
+                        help="runs at once, each a `workbench train` subprocess (CPU threads are split between them); "
+                        "default: the file's parallel: key, else 1")
+    parser.add_argument("--devices", help="GPU ids, e.g. 0,1,2,3: one run per GPU at a time (CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("--launcher", choices=["none", "composer"], default="none",
+                        help="composer: run each run on --nproc GPUs with Composer's launcher (DDP/FSDP)")
+    parser.add_argument("--nproc", type=int, default=None, help="processes (GPUs) per run with --launcher composer "
+                        "(default: all of --devices, else all visible GPUs)")
+    parser.add_argument("--results", help="results root (default $WORKBENCH_RESULTS or results/)")
+    parser.add_argument("--no-probe", action="store_true", help="skip the throughput probe when no runs were measured")
+
+
+def _devices(args: argparse.Namespace, launcher: str) -> tuple[list[str] | None, int]:
+    """Validated GPU ids (None: CPU or no pinning) and processes per run."""
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
+    nproc = args.nproc
+    if launcher != "composer" and not devices:
+        if nproc not in (None, 1):
+            raise ConfigError("command line", "--nproc", "processes per run need --launcher composer")
+        return None, 1
+    import torch
+
+    visible = torch.cuda.device_count()
+    if devices is None and visible:
+        devices = [str(i) for i in range(visible)]
+    if devices and any(not d.isdigit() or int(d) >= visible for d in devices):
+        raise ConfigError("command line", "--devices", f"{args.devices!r}: this machine has {visible} CUDA device(s)")
+    nproc = nproc or (len(devices) if devices and launcher == "composer" else 1)
+    if devices and nproc > len(devices):
+        raise ConfigError("command line", "--nproc", f"{nproc} processes per run but only {len(devices)} devices")
+    return devices, nproc
+
+
+def run(args: argparse.Namespace) -> int:
+    from workbench import ablate
+    from workbench.paths import results_dir
+
+    only = [name.strip() for item in args.only for name in item.split(",") if name.strip()]
+    if args.parallel is not None and args.parallel < 1:
+        raise ConfigError("command line", "--parallel", "must be >= 1")
+    launcher = args.launcher
+    ablation = ablate.load_ablation(args.ablation, smoke=args.smoke, only=only or None, results_root=args.results)
+    devices, nproc = _devices(args, launcher)
+    root = Path(args.results) if args.results else results_dir()
+
+    ablate.assess(ablation.runs)
+    pending = [run for run in ablation.runs if run.state in ("new", "resume")]
+    parallel = min(args.parallel or ablation.parallel or 1, max(1, len(pending)))
+    subprocesses = parallel > 1 or devices is not None or launcher == "composer"
+    slots = ablate.make_slots(parallel, devices, launcher, nproc)
+    concurrent = min(len(slots), max(1, len(pending))) if subprocesses else 1
+    seconds, source = ablate.estimate(ablation, root, concurrent, probe=not args.no_probe)
+    print(ablate.format_plan(ablation, seconds, source, concurrent), flush=True)
+    changed = [run for run in ablation.runs if run.state == "changed"]
+    if changed:
+        for run in changed:
+            print(f"error: {run.detail}", file=sys.stderr)
+        print(f"error: {len(changed)} run(s) of {ablation.name} exist with a different config; nothing was run",
+              file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return 0
+    for run in ablation.runs:
+        if run.state == "complete":
+            ablate.write_variant_file(run, ablation)  # keep the metadata current
+    if not pending:
+        print(f"[ablate] all {len(ablation.runs)} runs are complete; nothing to do")
+        return 0
+    start = time.time()
+    ablate.prepare_data(pending)
+    try:
+        if subprocesses:
+            failed = ablate.run_subprocesses(pending, ablation, slots, launcher)
+        else:
+            failed = ablate.run_in_process(pending, ablation)
+    except KeyboardInterrupt:
+        elapsed = ablate.format_seconds(time.time() - start)
+        print(f"\n[ablate] interrupted after {elapsed}; run the same command again to "
+              "resume (finished runs are kept, interrupted ones continue from their latest checkpoint)",
+              file=sys.stderr)
+        return 130
+    done = len(pending) - len(failed)
+    elapsed = ablate.format_seconds(time.time() - start)
+    print(f"[ablate] {ablation.name}: {done}/{len(pending)} runs finished in {elapsed}; "
+          f"results in {root / ablation.name}")
+    if failed:
+        print(f"[ablate] failed: {', '.join(failed)} (run the same command again to resume them)", file=sys.stderr)
+        return 1
+    return 0
