@@ -298,13 +298,29 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
 
 def train(config: RunConfig, run_dir: str | Path | None = None, resume: bool = False,
           extra_callbacks: Sequence = (), log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train one run to completion (or resume it) and return its summary."""
+    """Train one run to completion (or resume it) and return its summary. Rank 0 holds the run folder's claim
+    (:mod:`workbench.claims`) throughout, so a second live process refuses it, naming the holder."""
+    from workbench.claims import ClaimHeldError, distributed_rank, hold
+
     target = run_dir_for(config, run_dir)
+    if distributed_rank() != 0:
+        return _train_held(config, target, resume, extra_callbacks, log)
+    try:
+        with hold(target):
+            return _train_held(config, target, resume, extra_callbacks, log)
+    except ClaimHeldError as err:
+        raise RunExistsError(str(err)) from None
+
+
+def _train_held(config: RunConfig, target: Path, resume: bool, extra_callbacks: Sequence,
+                log: Callable[[str], None]) -> dict[str, Any]:
     if check_run_dir(config, target, resume) == "complete":
         log(f"[train] {config.name}: already complete in {target}")
         return read_summary(target) or {}
+    from workbench.results import atomic_write_bytes
+
     built = build_run(config, target, resume, extra_callbacks, log)
-    (built.run_dir / CONFIG_FILE).write_text(dump_config(config))
+    atomic_write_bytes(built.run_dir / CONFIG_FILE, dump_config(config).encode())  # other processes read it
     net = built.model.net
     write_summary(built.run_dir, run=config.name, status="running", params=net.num_params(non_embedding=False),
                   non_embedding_params=net.num_params(), unique_tokens=built.prepared.train.manifest["num_tokens"],

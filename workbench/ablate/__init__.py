@@ -75,12 +75,15 @@ from workbench.ablate.plan import (
     shape_key,
 )
 from workbench.ablate.runner import (
+    Outcome,
+    Runner,
     Slot,
+    best_table,
+    die_with_parent,
     make_slots,
     prepare_data,
-    run_in_process,
-    run_subprocesses,
     subprocess_command,
+    write_run_files,
     write_variant_file,
 )
 from workbench.ablate.spec import (
@@ -98,9 +101,9 @@ from workbench.ablate.spec import (
 )
 
 __all__ = [
-    "STARTUP_S", "VARIANT_FILE", "Ablation", "Axis", "PlannedRun", "Slot", "Variant", "assess", "estimate",
-    "format_count", "format_plan", "format_seconds", "load_ablation", "make_slots", "measured_throughput",
-    "parse_axes", "parse_repetition", "planned_epochs", "planned_tokens", "prepare_data", "probe_throughput",
-    "run_in_process", "run_subprocesses", "select_variants", "shape_key", "subprocess_command",
+    "STARTUP_S", "VARIANT_FILE", "Ablation", "Axis", "Outcome", "PlannedRun", "Runner", "Slot", "Variant", "assess",
+    "best_table", "die_with_parent", "estimate", "format_count", "format_plan", "format_seconds", "load_ablation",
+    "make_slots", "measured_throughput", "parse_axes", "parse_repetition", "planned_epochs", "planned_tokens",
+    "prepare_data", "probe_throughput", "select_variants", "shape_key", "subprocess_command", "write_run_files",
     "write_variant_file",
 ]

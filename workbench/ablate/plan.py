@@ -9,6 +9,7 @@ import re
 import time
 from pathlib import Path
 
+from workbench import claims
 from workbench.ablate.spec import Ablation, PlannedRun, format_count, format_seconds
 from workbench.config import RunConfig
 
@@ -29,6 +30,9 @@ def assess(runs: list[PlannedRun]) -> None:
         if run.state == "resume":
             summary = read_summary(run.run_dir) or {}
             run.detail = f"was {summary.get('status', 'unknown')}"
+        holder = claims.current(run.run_dir)
+        if holder is not None and claims.alive(holder[1]):
+            run.detail = ", ".join(filter(None, [run.detail, f"held by {claims.describe(holder[1])}"]))
 
 
 def planned_epochs(config: RunConfig) -> float:
@@ -211,7 +215,7 @@ def format_plan(ablation: Ablation, seconds: dict[str, float] | None, source: st
     for run in ablation.runs:
         tokens = planned_tokens(run.config)
         total_tokens += tokens
-        state = run.state + (f" ({run.detail})" if run.detail and run.state == "resume" else "")
+        state = run.state + (f" ({run.detail})" if run.detail and run.state in ("new", "resume") else "")
         rows.append([run.variant.name, str(run.seed), run.config.objective.name,
                      format_count(run.config.data.unique_tokens), f"{planned_epochs(run.config):g}",
                      format_count(tokens), state.upper() if run.state == "changed" else state,

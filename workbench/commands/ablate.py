@@ -88,22 +88,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
     start = time.time()
     ablate.prepare_data(pending)
+    runner = ablate.Runner(pending, ablation, slots if subprocesses else None, launcher, seconds)
     try:
-        if subprocesses:
-            failed = ablate.run_subprocesses(pending, ablation, slots, launcher)
-        else:
-            failed = ablate.run_in_process(pending, ablation)
+        outcome = runner.run()
     except KeyboardInterrupt:
         elapsed = ablate.format_seconds(time.time() - start)
         print(f"\n[ablate] interrupted after {elapsed}; run the same command again to "
               "resume (finished runs are kept, interrupted ones continue from their latest checkpoint)",
               file=sys.stderr)
         return 130
-    done = len(pending) - len(failed)
     elapsed = ablate.format_seconds(time.time() - start)
-    print(f"[ablate] {ablation.name}: {done}/{len(pending)} runs finished in {elapsed}; "
+    others = f" ({len(outcome.others)} by other processes)" if outcome.others else ""
+    print(f"[ablate] {ablation.name}: {outcome.done}/{len(pending)} runs finished{others} in {elapsed}; "
           f"results in {root / ablation.name}")
-    if failed:
-        print(f"[ablate] failed: {', '.join(failed)} (run the same command again to resume them)", file=sys.stderr)
+    print(ablate.best_table(pending, outcome))
+    if outcome.failed:
+        print(f"[ablate] failed: {', '.join(outcome.failed)} (run the same command again to resume them)",
+              file=sys.stderr)
         return 1
     return 0
