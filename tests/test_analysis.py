@@ -286,3 +286,135 @@ def test_report_writes_tables_and_figures(smoke_root, tmp_path, capsys):
     assert strength is not None and _has_baseline(strength, entropy)
     assert to_markdown(pl.DataFrame({"a": [1.23456, None], "b": ["x", "y"]})) == "| a | b |\n| --- | --- |\n" \
         "| 1.2346 | x |\n|  | y |"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# hand-built run folders written through workbench.results (what train writes): report semantics
+
+
+def write_run(root, folder: str, curves: dict[str, list[float]], overrides: dict | None = None,
+              status: str | None = "complete", error: str | None = None, split: str = "val"):
+    """A run folder: metrics.parquet (one evaluation per epoch of a 1000-token budget), config.yaml, summary."""
+    from conftest import make_config
+
+    from workbench.config import dump_config
+    from workbench.results import CONFIG_FILE, MetricsWriter, write_summary
+
+    config = make_config(overrides)
+    run_dir = root / folder
+    writer = MetricsWriter(run_dir, {"config": config.to_dict()})
+    for metric, values in curves.items():
+        for i, value in enumerate(values, 1):
+            writer.add(run=config.name, step=100 * i, epoch=float(i), tokens_seen=UNIQUE * i, unique_tokens=UNIQUE,
+                       split=split, metric=metric, value=float(value), wall_time=float(i))
+    writer.flush()
+    (run_dir / CONFIG_FILE).write_text(dump_config(config))
+    if status is not None:
+        write_summary(run_dir, run=config.name, status=status, **({"error": error} if error else {}))
+    return run_dir
+
+
+MDM = {"objective": {"name": "mdm"}}
+
+
+@pytest.fixture
+def mixed_root(tmp_path):
+    """AR and AR + masking (ar_nll) and MDM (mdm_nelbo, far above both AR curves)."""
+    root = tmp_path / "mixed"
+    write_run(root, "ar/seed0", {"ar_nll": [5.0, 4.0, 3.5, 3.7]}, {"name": "mixed-ar-seed0"})
+    write_run(root, "mask/seed0", {"ar_nll": [5.0, 4.5, 3.8, 3.6]}, {"name": "mixed-mask-seed0"})
+    write_run(root, "mdm/seed0", {"mdm_nelbo": [7.0, 6.5, 6.2, 6.0]}, {"name": "mixed-mdm-seed0", **MDM})
+    return root
+
+
+def test_targets_and_speedups_never_cross_metrics(mixed_root, tmp_path):
+    """Before: one target (the largest best loss of all runs: the MDM NELBO, 6.0) for every run, so AR runs
+    'reached' it at their first evaluation and MDM got a speed-up of 0.25 against an AR baseline."""
+    report = write_report(mixed_root, tmp_path / "out", draw=False)
+    reach = {row["variant"]: row for row in report.tables["tokens_to_target"].iter_rows(named=True)}
+    assert {v: (r["target"], r["tokens"]) for v, r in reach.items()} == {
+        "ar": (3.6, 3000), "mask": (3.6, 4000), "mdm": (6.0, 4000)}
+    assert report.targets == {"ar_nll": 3.6, "mdm_nelbo": 6.0}
+    headline = {row["variant"]: row for row in report.headline.iter_rows(named=True)}
+    assert headline["ar"]["speedup"] == 1.0 and headline["mask"]["speedup"] == pytest.approx(0.75)
+    assert headline["ar"]["baseline"] == headline["mask"]["baseline"] == "ar"
+    assert headline["mdm"]["speedup"] is None and headline["mdm"]["baseline"] is None  # nothing of its kind
+    index = (report.out_dir / "report.md").read_text()
+    assert "ar_nll: target 3.6000, speed-up relative to `ar`" in index and "mdm_nelbo: target 6.0000, no speed-up" \
+        in index
+
+    # a baseline of one metric gives no speed-up to another; one bare number is no target for both
+    frame = load_results(mixed_root)
+    with pytest.raises(ValueError, match="different quantities"):
+        tokens_to_target(frame, 5.0)
+    ratio = speedup(tokens_to_target(frame, {"ar_nll": 4.0, "mdm_nelbo": 6.5}), baseline="mask")
+    assert dict(ratio.select("variant", "speedup").iter_rows()) == {"ar": 1.5, "mask": 1.0, "mdm": None}
+    assert dict(ratio.select("variant", "target").iter_rows()) == {"ar": 4.0, "mask": 4.0, "mdm": 6.5}
+
+
+def test_report_cli_targets_per_metric(mixed_root, tmp_path, capsys):
+    from workbench.cli import main
+
+    assert main(["report", str(mixed_root), "--out", str(tmp_path / "a"), "--no-figures", "--target", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --target 5 is one number") and "ar_nll, mdm_nelbo" in err and "\n" not in err
+    assert main(["report", str(mixed_root), "--out", str(tmp_path / "b"), "--no-figures", "--target",
+                 "ar_nll=4.0", "--baseline", "mask"]) == 0
+    reach = pl.read_csv(tmp_path / "b" / "tokens_to_target.csv")
+    assert dict(reach.select("variant", "tokens").iter_rows()) == {"ar": 2000, "mask": 3000, "mdm": 4000}
+    speed = pl.read_csv(tmp_path / "b" / "speedup.csv")
+    assert dict(speed.select("variant", "speedup").iter_rows()) == {"ar": 1.5, "mask": 1.0, "mdm": None}
+    assert main(["report", str(mixed_root), "--out", str(tmp_path / "c"), "--no-figures", "--baseline", "zz"]) == 2
+    assert "--baseline 'zz' is not a variant" in capsys.readouterr().err
+
+
+def test_runs_are_identified_by_their_folder_not_the_config_name(tmp_path):
+    """Two folders trained from configs with the same name (here the default, ``run``) stay two runs; before,
+    they merged (headline seeds 4 for one run each, a tokens-to-target averaged over both)."""
+    root = tmp_path / "same-name"
+    write_run(root, "a", {"ar_nll": [4.0, 3.0, 3.5]}, {"name": "run"})
+    write_run(root, "b", {"ar_nll": [5.0, 4.0, 3.2]}, {"name": "run"})
+    report = write_report(root, tmp_path / "out", draw=False)
+    headline = report.headline.sort("variant")
+    assert headline["variant"].to_list() == ["a", "b"] and headline["seeds"].to_list() == [1, 1]
+    assert headline["best"].to_list() == [3.0, 3.2] and headline["tokens_to_target"].to_list() == [2000, 3000]
+    assert report.tables["best_loss"].height == 2
+    frame = load_results(root)
+    assert sorted(frame["run"].unique()) == ["a", "b"] and set(frame["run_name"]) == {"run"}
+
+
+def test_failed_and_incomplete_runs_are_listed_with_status_and_error(tmp_path):
+    """Before: a run without evaluations vanished from every table while the header counted it, and runs
+    without a readable metrics file were neither counted nor listed."""
+    root = tmp_path / "partial"
+    write_run(root, "ok/seed0", {"ar_nll": [4.0, 3.0]}, {"name": "partial-ok-seed0"})
+    write_run(root, "failed/seed0", {"ar_nll": [4.0, 3.9]}, {"name": "partial-failed-seed0"}, status="failed",
+              error="FloatingPointError: loss | grad norm is nan at step 200\nTraceback (most recent call last):")
+    write_run(root, "killed/seed0", {"loss": [6.0, 5.5]}, {"name": "partial-killed-seed0"}, status="running",
+              split="train")
+    corrupt = write_run(root, "corrupt/seed0", {"ar_nll": [4.0]}, {"name": "partial-corrupt-seed0"},
+                        status="running")
+    data = (corrupt / "metrics.parquet").read_bytes()
+    (corrupt / "metrics.parquet").write_bytes(data[: len(data) // 2])
+    (root / "queued" / "seed0").mkdir(parents=True)
+    (root / "queued" / "seed0" / "config.yaml").write_text("name: partial-queued-seed0\n")
+    with pytest.warns(ResultsWarning):
+        report = write_report(root, tmp_path / "out", draw=False)
+    index = (report.out_dir / "report.md").read_text()
+    for name in ("partial-failed-seed0", "partial-killed-seed0", "partial-corrupt-seed0", "partial-queued-seed0"):
+        assert name in index
+    runs = {row["run_name"]: row for row in report.tables["runs"].iter_rows(named=True)}
+    assert {name: (row["status"], row["val_evals"]) for name, row in runs.items()} == {
+        "partial-ok-seed0": ("complete", 2), "partial-failed-seed0": ("failed", 2),
+        "partial-killed-seed0": ("running", 0), "partial-corrupt-seed0": ("running, unreadable metrics", 0),
+        "partial-queued-seed0": ("no metrics", 0)}
+    assert runs["partial-failed-seed0"]["error"] == "FloatingPointError: loss | grad norm is nan at step 200"
+    assert "5 run folders (1 complete); 2 runs of 2 variants in the tables; 4 not " \
+        "complete or without evaluations, listed below." in index
+    section = index.split("## Runs not complete or without evaluations")[1].split("## Headline")[0]
+    for name in ("partial-failed-seed0", "partial-killed-seed0", "partial-corrupt-seed0", "partial-queued-seed0"):
+        assert f"| {name} |" in section
+    assert "loss \\| grad norm is nan at step 200" in section and "partial-ok-seed0" not in section
+    assert (report.out_dir / "runs.csv").is_file()
+    assert dict(report.tables["best_loss"].select("variant", "status").iter_rows()) == {"ok": "complete",
+                                                                                         "failed": "failed"}

@@ -18,12 +18,13 @@ from typing import Any
 
 _EXPORTS = {
     "load_results": "load", "load_run": "load", "find_runs": "load", "run_table": "load", "ResultsWarning": "load",
+    "run_status": "load", "default_targets": "tables",
     "best_validation": "tables", "overfitting_onset": "tables", "tokens_to_target": "tables", "speedup": "tables",
     "downstream_accuracy": "tables", "seed_summary": "tables", "validation_rows": "tables",
     "unigram_entropy": "tables", "with_val_metric": "tables",
     "validation_curves": "figures", "downstream_curves": "figures", "best_vs_strength": "figures",
     "alpha_repetition_heatmap": "figures", "save": "figures",
-    "write_report": "report", "headline_table": "report", "to_markdown": "report",
+    "write_report": "report", "headline_table": "report", "to_markdown": "report", "resolve_targets": "report",
 }
 __all__ = [*_EXPORTS, "add_arguments", "run"]
 
@@ -41,19 +42,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="val_loss: each run's own objective metric (ar_nll for AR/dual, mdm_nelbo for MDM)")
     parser.add_argument("--tolerance", type=float, default=0.01,
                         help="overfitting onset: rise above the running minimum, in nats (default 0.01)")
-    parser.add_argument("--target", type=float, help="tokens-to-target threshold (default: the largest best "
-                        "validation loss over runs, which every run reaches)")
-    parser.add_argument("--baseline", help="variant the speed-ups are relative to (default: the first)")
+    parser.add_argument("--target", help="tokens-to-target threshold per metric, e.g. ar_nll=5.7,mdm_nelbo=6.5 "
+                        "(a bare number only when all runs report one metric; default per metric: the largest best "
+                        "loss of its runs, which every run of that metric reaches)")
+    parser.add_argument("--baseline", help="variant(s) the speed-ups are relative to, at most one per metric, "
+                        "comma-separated (default: each metric's first variant; metrics not named get none)")
     parser.add_argument("--formats", default="png,svg", help="figure formats (default png,svg)")
     parser.add_argument("--no-figures", action="store_true", help="tables only")
 
 
+def parse_target(text: str | None) -> float | dict[str, float] | None:
+    """``5.7`` or ``ar_nll=5.7,mdm_nelbo=6.5`` -> a number or metric -> number (ReportArgumentError otherwise)."""
+    from workbench.analysis.report import ReportArgumentError
+
+    if text is None:
+        return None
+    if "=" not in text:
+        try:
+            return float(text)
+        except ValueError:
+            raise ReportArgumentError(f"--target: expected a number or metric=number pairs, got {text!r}") from None
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ReportArgumentError(f"--target: {item!r} is not metric=number (e.g. ar_nll=5.7)") from None
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
-    from workbench.analysis.report import to_markdown, write_report
+    import sys
+
+    from workbench.analysis.report import ReportArgumentError, to_markdown, write_report
 
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
-    report = write_report(args.results, args.out, metric=args.metric, tolerance=args.tolerance, target=args.target,
-                          baseline=args.baseline, formats=formats, draw=not args.no_figures)
+    baseline = [b.strip() for b in args.baseline.split(",") if b.strip()] if args.baseline else None
+    try:
+        report = write_report(args.results, args.out, metric=args.metric, tolerance=args.tolerance,
+                              target=parse_target(args.target), baseline=baseline, formats=formats,
+                              draw=not args.no_figures)
+    except ReportArgumentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(to_markdown(report.headline))
     print(f"\n[report] tables and {len(report.figures)} figures in {report.out_dir} (see report.md)")
     return 0

@@ -8,7 +8,7 @@ have nothing to show for that figure (e.g. no downstream tasks, fewer than two d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -67,9 +67,10 @@ def _multi_seed(frame: pl.DataFrame, hue: str) -> bool:
 
 
 def validation_curves(frame: pl.DataFrame, metric: str = "val_loss", x: str = "epoch",
-                      target: float | None = None):
+                      target: float | Mapping[str, float] | None = None):
     """Validation loss vs. epoch (or tokens_seen): one line per variant, bands over seeds (min-max), one panel
-    per repetition point when the ablation sweeps one."""
+    per repetition point when the ablation sweeps one. ``target``: a dotted line per metric (a mapping metric ->
+    target, each labelled with its metric when there are several)."""
     rows = validation_rows(frame, metric)
     if rows.is_empty():
         return None
@@ -84,11 +85,13 @@ def validation_curves(frame: pl.DataFrame, metric: str = "val_loss", x: str = "e
                        errorbar=("pi", 100) if _multi_seed(rows, hue) else None, height=3.6, aspect=1.35,
                        facet_kws={"sharey": True, "sharex": False})
     entropy = unigram_entropy(frame)
+    targets = {} if target is None else dict(target) if isinstance(target, Mapping) else {"": float(target)}
     for ax in grid.axes.flat:
         draw_baseline(ax, entropy)
-        if target is not None:
-            ax.axhline(target, color="tab:red", linestyle=":", linewidth=1.0, zorder=0)
-            ax.annotate("target", xy=(1.0, target), xycoords=("axes fraction", "data"), xytext=(-4, 3),
+        for name, value in targets.items():
+            ax.axhline(value, color="tab:red", linestyle=":", linewidth=1.0, zorder=0)
+            label = f"target ({name})" if name and len(targets) > 1 else "target"
+            ax.annotate(label, xy=(1.0, value), xycoords=("axes fraction", "data"), xytext=(-4, 3),
                         textcoords="offset points", ha="right", va="bottom", fontsize=8, color="tab:red")
         ax.set_xlabel("epoch (passes over the unique tokens)" if x == "epoch" else "tokens seen")
         ax.set_ylabel(LOSS_LABEL.get(metric, metric))

@@ -4,14 +4,18 @@ A run folder is any folder (outside ``checkpoints/`` and ``report/``) holding ``
 comes from the metrics file's metadata (``workbench.config``), else ``config.yaml``; ablation fields (variant,
 group, repetition, seed, declared order, swept values) from ``variant.json`` when the ablation runner wrote one,
 else from the folder and the config. A missing, half-written or corrupted metrics file gives a warning naming the
-run and the run is left out; loading never fails because of one bad run.
+run and the run is left out of the frame; loading never fails because of one bad run. :func:`run_status` lists
+every run folder (loaded or not) with its status and error line, so a report can say what it left out.
+
+A run is identified by its folder (column ``run``: the folder relative to the loaded root), never by the config
+``name`` (column ``run_name``): two folders trained from configs with the same name stay two runs.
 
 The validation loss of a run (column ``val_metric``, used by every derived table when ``metric="val_loss"``)
 is the metric of its objective: ``mdm_nelbo`` (the NELBO, an upper bound on the NLL) for MDM, ``ar_nll`` for AR,
 prefix-LM and dual runs (dual models are compared as AR models; their ``mdm_nelbo`` rows stay available).
 When a run lacks that metric, the other one is used. The papers compare exactly these two numbers.
 
-Columns added per run (constant within a run): ablation, variant, group, repetition, seed, order, run_dir,
+Columns added per run (constant within a run): run_name, ablation, variant, group, repetition, seed, order, run_dir,
 status, objective, val_metric, ar_fraction (dual), time_sampler (mdm/dual), token_masking (rate or max rate),
 token_masking_replacement, dropout_mlp, dropout_attention, weight_decay, regularizer + strength (the single
 active regularizer and its value; ``none``/0 for none, null strength for combinations), planned_epochs,
@@ -32,13 +36,14 @@ import yaml
 from workbench.results import CHECKPOINTS, CONFIG_FILE, METRICS_FILE, SCHEMA, read_metadata, read_metrics, read_summary
 
 VARIANT_FILE = "variant.json"
-RUN_COLUMNS = ["ablation", "variant", "group", "repetition", "seed", "order", "run_dir", "status", "objective",
-               "val_metric", "ar_fraction", "time_sampler", "token_masking", "token_masking_replacement",
+RUN_COLUMNS = ["run_name", "ablation", "variant", "group", "repetition", "seed", "order", "run_dir", "status",
+               "objective", "val_metric", "ar_fraction", "time_sampler", "token_masking", "token_masking_replacement",
                "dropout_mlp", "dropout_attention", "weight_decay", "regularizer", "strength", "planned_epochs",
                "seq_len", "n_layers", "d_model", "params"]
 RUN_SCHEMA: dict[str, Any] = {
-    "ablation": pl.String, "variant": pl.String, "group": pl.String, "repetition": pl.String, "seed": pl.Int64,
-    "order": pl.Int64, "run_dir": pl.String, "status": pl.String, "objective": pl.String, "val_metric": pl.String,
+    "run_name": pl.String, "ablation": pl.String, "variant": pl.String, "group": pl.String, "repetition": pl.String,
+    "seed": pl.Int64, "order": pl.Int64, "run_dir": pl.String, "status": pl.String, "objective": pl.String,
+    "val_metric": pl.String,
     "ar_fraction": pl.Float64, "time_sampler": pl.String, "token_masking": pl.Float64,
     "token_masking_replacement": pl.String, "dropout_mlp": pl.Float64, "dropout_attention": pl.Float64,
     "weight_decay": pl.Float64, "regularizer": pl.String, "strength": pl.Float64, "planned_epochs": pl.Float64,
@@ -144,6 +149,7 @@ def run_columns(config: dict[str, Any], record: dict[str, Any] | None, summary: 
         variant = "/".join(parts) or run_dir.name
     masking = _get(config, "algorithms.token_masking") or {}
     return {
+        "run_name": (summary or {}).get("run") or record.get("run") or _get(config, "name"),
         "ablation": record.get("ablation", root.name),
         "variant": variant,
         "group": record.get("group", variant),
@@ -179,6 +185,21 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _read_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run's config: the metrics file's metadata, else config.yaml; None when neither is readable."""
+    config: Any = None
+    try:
+        config = read_metadata(run_dir / METRICS_FILE).get("config")
+    except Exception:  # metadata is optional (and the file may be missing or truncated): fall back to config.yaml
+        config = None
+    if not config and (run_dir / CONFIG_FILE).is_file():
+        try:
+            config = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+        except (OSError, yaml.YAMLError):
+            config = None
+    return config if isinstance(config, dict) else None
+
+
 def load_run(run_dir: Path, root: Path) -> pl.DataFrame | None:
     """One run's rows with its run columns, or None (with a ResultsWarning naming the run) when unreadable."""
     name = run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name
@@ -195,17 +216,8 @@ def load_run(run_dir: Path, root: Path) -> pl.DataFrame | None:
         warnings.warn(f"run {name}: metrics file could not be read, run left out ({reason})", ResultsWarning,
                       stacklevel=3)
         return None
-    config: dict[str, Any] | None = None
-    try:
-        config = read_metadata(metrics_path).get("config")
-    except Exception:  # metadata is optional: fall back to config.yaml
-        config = None
-    if not config and (run_dir / CONFIG_FILE).is_file():
-        try:
-            config = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
-        except yaml.YAMLError:
-            config = None
-    if not isinstance(config, dict):
+    config = _read_config(run_dir)
+    if config is None:
         warnings.warn(f"run {name}: no readable config (metrics metadata or {CONFIG_FILE}); config columns are "
                       "empty", ResultsWarning, stacklevel=3)
         config = {}
@@ -216,7 +228,11 @@ def load_run(run_dir: Path, root: Path) -> pl.DataFrame | None:
         other = next((m for m in LOSS_METRICS if m in available), None)
         columns["val_metric"] = other or columns["val_metric"]
     frame = frame.unique(subset=["step", "split", "metric"], keep="last", maintain_order=True)
-    out = frame.with_columns(*(pl.lit(columns[c], dtype=RUN_SCHEMA[c]).alias(c) for c in RUN_COLUMNS))
+    if columns["run_name"] is None and frame.height:
+        columns["run_name"] = frame["run"][0]
+    # the folder, not the config name, identifies the run: equal names in two folders stay two runs
+    out = frame.with_columns(pl.lit(columns["run_dir"], dtype=pl.String).alias("run"),
+                             *(pl.lit(columns[c], dtype=RUN_SCHEMA[c]).alias(c) for c in RUN_COLUMNS))
     for axis, value in ((record or {}).get("swept") or {}).items():
         out = out.with_columns(pl.lit(value if isinstance(value, int | float | str | bool) else str(value))
                                .alias(f"sweep.{axis}"))
@@ -264,3 +280,53 @@ def run_table(frame: pl.DataFrame) -> pl.DataFrame:
     """One row per run with its run columns (and sweep columns)."""
     columns = [c for c in [*RUN_COLUMNS, *[c for c in frame.columns if c.startswith("sweep.")]] if c in frame.columns]
     return frame.group_by("run", maintain_order=True).agg(pl.col(c).first() for c in columns)
+
+
+STATUS_SCHEMA: dict[str, Any] = {"run": pl.String, "run_name": pl.String, "variant": pl.String, "seed": pl.Int64,
+                                 "status": pl.String, "val_evals": pl.Int64, "error": pl.String}
+
+
+def run_status(root: str | Path, frame: pl.DataFrame | None = None, metric: str = "val_loss") -> pl.DataFrame:
+    """Every run folder under ``root``, loaded or not: run (folder), run_name, variant, seed, status, val_evals,
+    error (its first line).
+
+    ``status`` is summary.json's (complete, running -- also what a killed run says --, resuming, failed, pruned;
+    ``unknown`` without a summary), or ``no metrics`` / ``unreadable metrics`` for a run :func:`load_results`
+    left out. ``val_evals`` counts the evaluations of ``metric`` (``val_loss``: the run's own validation metric)
+    in ``frame``: a run with none has no row in the derived tables. A report lists every run that is not complete
+    or has no evaluation, so none is dropped silently."""
+    root = Path(root)
+    loaded = run_table(frame) if frame is not None else None
+    evals: dict[str, int] = {}
+    if frame is not None:
+        wanted = pl.col("val_metric") if metric == "val_loss" else pl.lit(metric)
+        counts = frame.filter((pl.col("split") == "val") & (pl.col("metric") == wanted)).group_by("run").len()
+        evals = dict(counts.iter_rows())
+    rows = []
+    for run_dir in find_runs(root):
+        relative = run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name
+        summary = read_summary(run_dir) or {}
+        error = str(summary.get("error") or "").strip().splitlines()
+        if loaded is not None and relative in loaded["run"].to_list():
+            known = loaded.filter(pl.col("run") == relative).row(0, named=True)
+            status = known["status"]
+            variant, seed, name = known["variant"], known["seed"], known["run_name"]
+        else:
+            columns = run_columns(_read_config(run_dir) or {}, _read_json(run_dir / VARIANT_FILE), summary, run_dir,
+                                  root)
+            variant, seed, name = columns["variant"], columns["seed"], columns["run_name"]
+            if loaded is not None and loaded["ablation"].n_unique() > 1:  # as load_results names them
+                variant = f"{columns['ablation']}/{variant}"
+            if (run_dir / METRICS_FILE).is_file():
+                status, reason = "unreadable metrics", f"{METRICS_FILE} could not be read (half-written or corrupted)"
+            else:
+                status, reason = "no metrics", f"no {METRICS_FILE} (not started, or killed before its first write)"
+            status = f"{summary['status']}, {status}" if summary.get("status") else status
+            error = error or [reason]
+        rows.append({"run": relative, "run_name": name, "variant": variant, "seed": seed, "status": status,
+                     "val_evals": evals.get(relative, 0), "error": error[0][:200] if error else None})
+    table = pl.DataFrame(rows, schema=STATUS_SCHEMA, orient="row")
+    if loaded is None:
+        return table
+    order = loaded.select("variant", "order").unique("variant")  # declared order; runs not loaded go last
+    return table.join(order, on="variant", how="left").sort(["order", "seed", "run"], nulls_last=True).drop("order")

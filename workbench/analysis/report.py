@@ -1,12 +1,15 @@
 """``workbench report results/X``: derived tables (CSV + markdown) and figures (PNG + SVG) in ``results/X/report/``.
 
-Files: ``headline`` (one row per variant, mean over seeds), ``best_loss``, ``overfitting``, ``tokens_to_target``
-(+ ``speedup``), ``downstream`` (when task rows exist) and ``seeds`` (mean/std/min/max over seeds) as ``.csv`` and
-``.md``; figures ``val_loss_vs_epoch``, ``val_loss_vs_tokens``, ``downstream_acc_vs_epoch``,
-``best_loss_vs_strength`` and ``alpha_repetition_heatmap`` where the results have what they show; and
-``report.md`` tying them together. The target of tokens-to-target defaults to the largest best validation loss
-over runs, i.e. the best loss that every run reaches, so every variant gets a tokens count; the speed-up
-baseline defaults to the first variant in declared order.
+Files: ``headline`` (one row per variant, mean over seeds), ``runs`` (every run folder with its status and error
+line), ``best_loss``, ``overfitting``, ``tokens_to_target`` (+ ``speedup``), ``downstream`` (when task rows exist)
+and ``seeds`` (mean/std/min/max over seeds) as ``.csv`` and ``.md``; figures ``val_loss_vs_epoch``,
+``val_loss_vs_tokens``, ``downstream_acc_vs_epoch``, ``best_loss_vs_strength`` and ``alpha_repetition_heatmap``
+where the results have what they show; and ``report.md`` tying them together, which lists every run that is
+not complete or has no evaluation in the tables.
+
+Tokens-to-target and speed-ups never cross metrics (AR NLL vs. MDM NELBO): each metric has its own target
+(default: the largest best loss of its runs, which every run of that metric reaches) and its own baseline
+(default: its first variant in declared order; a metric with one variant gets no speed-up).
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from typing import Any
 import polars as pl
 
 from workbench.analysis import figures
-from workbench.analysis.load import load_results
+from workbench.analysis.load import load_results, run_status
 from workbench.analysis.tables import (
     best_validation,
+    default_targets,
     downstream_accuracy,
     overfitting_onset,
     seed_summary,
@@ -31,14 +35,18 @@ from workbench.analysis.tables import (
 )
 
 
+class ReportArgumentError(ValueError):
+    """A target or baseline the results cannot use (reported in one line by ``workbench report``)."""
+
+
 @dataclass
 class Report:
     out_dir: Path
     headline: pl.DataFrame
     tables: dict[str, pl.DataFrame]
     figures: dict[str, list[Path]] = field(default_factory=dict)
-    target: float | None = None
-    baseline: str | None = None
+    targets: dict[str, float] = field(default_factory=dict)  # metric -> tokens-to-target threshold
+    baselines: dict[str, str | None] = field(default_factory=dict)  # metric -> speed-up baseline (None: no speed-up)
 
 
 def _format_value(value: Any, digits: int = 4) -> str:
@@ -49,7 +57,7 @@ def _format_value(value: Any, digits: int = 4) -> str:
             return f"{value:,.0f}"
         text = f"{value:.{digits}f}"
         return text.rstrip("0").rstrip(".") if "." in text else text
-    return str(value)
+    return str(value).replace("|", "\\|")  # a pipe in an error line must not split the table cell
 
 
 def to_markdown(frame: pl.DataFrame, digits: int = 4) -> str:
@@ -63,9 +71,9 @@ def to_markdown(frame: pl.DataFrame, digits: int = 4) -> str:
 def headline_table(best: pl.DataFrame, onset: pl.DataFrame, reach: pl.DataFrame, ratio: pl.DataFrame | None,
                    downstream: pl.DataFrame | None) -> pl.DataFrame:
     """One row per variant (mean over seeds): best and final loss, where the best is, overfitting onset,
-    tokens to target and speed-up, and the downstream task average when there is one."""
+    tokens to its metric's target, speed-up over its metric's baseline, and the downstream task average."""
     runs = best.join(onset.select("run", "onset_epoch", "overfit"), on="run").join(
-        reach.select("run", pl.col("tokens").alias("tokens_to_target")), on="run")
+        reach.select("run", "target", pl.col("tokens").alias("tokens_to_target")), on="run")
     table = runs.group_by("variant", maintain_order=True).agg(
         pl.col("objective").first() if "objective" in runs.columns else pl.lit(None).alias("objective"),
         pl.col("metric").first(),
@@ -76,10 +84,12 @@ def headline_table(best: pl.DataFrame, onset: pl.DataFrame, reach: pl.DataFrame,
         pl.col("final").mean().alias("final"),
         pl.col("onset_epoch").mean().alias("onset_epoch"),
         pl.col("overfit").sum().alias("seeds_overfit"),
+        pl.col("target").first().alias("target"),
         pl.col("tokens_to_target").mean().alias("tokens_to_target"),
     )
     if ratio is not None:
-        table = table.join(ratio.select("variant", "speedup"), on="variant", how="left", maintain_order="left")
+        table = table.join(ratio.select("variant", "metric", "speedup", "baseline"), on=["variant", "metric"],
+                           how="left", maintain_order="left")
     if downstream is not None and not downstream.is_empty():
         average = (downstream.filter(pl.col("task") == "average").group_by("variant")
                    .agg(pl.col("final_acc").mean().alias("downstream_final_acc"),
@@ -88,22 +98,49 @@ def headline_table(best: pl.DataFrame, onset: pl.DataFrame, reach: pl.DataFrame,
     return table
 
 
+def resolve_targets(best: pl.DataFrame, target: float | dict[str, float] | None = None) -> dict[str, float]:
+    """Per metric of ``best``: the given target, else the default (largest best loss of that metric's runs).
+    One bare number is accepted only when every run reports the same metric."""
+    targets = default_targets(best)
+    if target is None:
+        return targets
+    if not isinstance(target, dict):
+        if len(targets) > 1:
+            raise ReportArgumentError(f"--target {target:g} is one number, but the runs report {', '.join(targets)}"
+                                      f" (different quantities); give one per metric, e.g. --target "
+                                      f"{next(iter(targets))}={target:g}")
+        return {metric: float(target) for metric in targets}
+    unknown = sorted(set(target) - set(targets))
+    if unknown:
+        raise ReportArgumentError(f"--target names {', '.join(unknown)}, which no run reports; metrics here: "
+                                  f"{', '.join(targets)}")
+    return {**targets, **{k: float(v) for k, v in target.items()}}
+
+
 def write_report(root: str | Path, out_dir: str | Path | None = None, metric: str = "val_loss",
-                 tolerance: float = 0.01, target: float | None = None, baseline: str | None = None,
-                 formats: tuple[str, ...] = ("png", "svg"), draw: bool = True) -> Report:
-    """Load ``root``, compute every derived table, write tables and figures, and return them."""
+                 tolerance: float = 0.01, target: float | dict[str, float] | None = None,
+                 baseline: str | list[str] | None = None, formats: tuple[str, ...] = ("png", "svg"),
+                 draw: bool = True) -> Report:
+    """Load ``root``, compute every derived table, write tables and figures, and return them.
+
+    ``target``: one number (results of a single metric) or metric -> number; metrics not given use the default.
+    ``baseline``: variant name(s), at most one per metric; metrics without one get no speed-up."""
     root = Path(root)
     out = Path(out_dir) if out_dir is not None else root / "report"
     frame = load_results(root)
+    status = run_status(root, frame, metric)
     best = best_validation(frame, metric)
     if best.is_empty():
         raise FileNotFoundError(f"{root}: no validation rows for {metric} in any run")
     onset = overfitting_onset(frame, tolerance, metric)
-    target = float(best["best"].max()) if target is None else target
-    reach = tokens_to_target(frame, target, metric)
-    variants = best["variant"].unique(maintain_order=True).to_list()
-    baseline = baseline or variants[0]
-    ratio = speedup(reach, baseline)
+    targets = resolve_targets(best, target)
+    reach = tokens_to_target(frame, targets, metric)
+    try:
+        ratio = speedup(reach, baseline)
+    except ValueError as err:
+        raise ReportArgumentError(str(err).replace("baseline", "--baseline", 1)) from None
+    baselines = {m: b for m, b in ratio.group_by("metric", maintain_order=True).agg(pl.col("baseline").first())
+                 .iter_rows()}
     downstream = downstream_accuracy(frame)
     seeds = seed_summary(best.join(onset.select("run", "onset_epoch"), on="run")
                          .join(reach.select("run", pl.col("tokens").alias("tokens_to_target")), on="run"),
@@ -113,8 +150,9 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, metric: st
     run_cols = ["variant", "seed", "objective", "metric"]
     tables = {
         "headline": headline,
+        "runs": status,
         "best_loss": best.select([*run_cols, "best", "best_epoch", "best_tokens", "final", "final_epoch",
-                                  "final_minus_best", "evals", "run"]),
+                                  "final_minus_best", "evals", "status", "run"]),
         "overfitting": onset.select([*run_cols, "overfit", "onset_epoch", "onset_tokens", "min_before_onset",
                                      "final_minus_best", "tolerance", "run"]),
         "tokens_to_target": reach.select([*run_cols, "target", "reached", "tokens", "epoch", "run"]),
@@ -130,11 +168,11 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, metric: st
         table.write_csv(out / f"{name}.csv")
         (out / f"{name}.md").write_text(to_markdown(table) + "\n")
 
-    report = Report(out, headline, tables, target=target, baseline=baseline)
+    report = Report(out, headline, tables, targets=targets, baselines=baselines)
     if draw:
         drawn = {
             "val_loss_vs_epoch": figures.validation_curves(frame, metric),
-            "val_loss_vs_tokens": figures.validation_curves(frame, metric, x="tokens_seen", target=target),
+            "val_loss_vs_tokens": figures.validation_curves(frame, metric, x="tokens_seen", target=targets),
             "downstream_acc_vs_epoch": figures.downstream_curves(frame),
             "best_loss_vs_strength": figures.best_vs_strength(frame, metric),
             "alpha_repetition_heatmap": figures.alpha_repetition_heatmap(frame),
@@ -146,17 +184,39 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, metric: st
     return report
 
 
+def target_sentence(targets: dict[str, float], baselines: dict[str, str | None]) -> str:
+    """How tokens-to-target and speed-ups were computed, one clause per metric."""
+    parts = []
+    for metric, value in targets.items():
+        base = baselines.get(metric)
+        parts.append(f"{metric}: target {value:.4f}, " + (f"speed-up relative to `{base}`" if base is not None else
+                                                          "no speed-up (no other variant of this metric)"))
+    return ("Tokens-to-target: first evaluation at or below the target of the run's own metric; speed-ups only "
+            "between variants of the same metric (" + "; ".join(parts) + ").")
+
+
 def _write_index(report: Report, root: Path, frame: pl.DataFrame, metric: str, tolerance: float) -> None:
     entropy = unigram_entropy(frame)
     metrics = ", ".join(sorted(report.tables["best_loss"]["metric"].unique().to_list()))
+    status = report.tables["runs"]
+    complete = status.filter(pl.col("status") == "complete")
+    left = status.filter((pl.col("status") != "complete") | (pl.col("val_evals") == 0))
+    in_tables = report.tables["best_loss"]
     lines = [f"# Report: {root.name}", "",
-             f"{frame['run'].n_unique()} runs, {frame['variant'].n_unique()} variants. Validation loss: "
+             f"{status.height} run folders ({complete.height} complete); {in_tables.height} runs of "
+             f"{in_tables['variant'].n_unique()} variants in the tables"
+             + (f"; {left.height} not complete or without evaluations, listed below." if left.height else ".")
+             + " Validation loss: "
              f"{'each run' + chr(39) + 's own objective metric' if metric == 'val_loss' else metric} ({metrics}; "
              "ar_nll is the exact AR NLL, mdm_nelbo the MDM NELBO bound), nats per token.",
              f"Unigram entropy (context-free baseline): {entropy:.4f}" if entropy is not None else "",
              f"Overfitting onset: first evaluation more than {tolerance:g} nats above the running minimum. "
-             f"Tokens-to-target: first evaluation at or below {report.target:.4f}; speed-up relative to "
-             f"`{report.baseline}`.", "", "## Headline (mean over seeds)", "", to_markdown(report.headline), ""]
+             + target_sentence(report.targets, report.baselines), ""]
+    if left.height:
+        lines += ["## Runs not complete or without evaluations", "",
+                  "Runs with evaluations are in the tables with the curve they have; the others are not.", "",
+                  to_markdown(left.select("run_name", "run", "status", "val_evals", "error")), ""]
+    lines += ["## Headline (mean over seeds)", "", to_markdown(report.headline), ""]
     for name in report.figures:
         lines += [f"![{name}]({name}.png)", ""]
     for name, table in report.tables.items():

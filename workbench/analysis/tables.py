@@ -12,8 +12,12 @@ Definitions:
   by more than ``tolerance`` (nats), i.e. ``value - cummin(value) > tolerance``; null if that never happens.
 - tokens-to-target: the first evaluation at which the loss is <= the target (``direction="above"``: >=, for
   accuracies); with ``interpolate=True`` the crossing is placed linearly between that evaluation and the one
-  before it. Null if never reached. The speed-up of a variant is the baseline's mean tokens-to-target over its
-  seeds divided by the variant's.
+  before it. Null if never reached. Targets are per metric: ``ar_nll`` (exact NLL) and ``mdm_nelbo`` (an upper
+  bound) are different quantities, so one number is never a target for both (:func:`default_targets`: per
+  metric, the largest best loss, which every run of that metric reaches).
+- speed-up: within one metric (and target) only, the baseline's mean tokens-to-target over its seeds divided by
+  the variant's. A variant whose metric has no baseline (none named for it, or the only variant of its metric)
+  gets no speed-up rather than a ratio against another quantity.
 - downstream accuracy: per task, the final and best ``acc`` and ``acc_norm``; the task ``average`` of a metric
   is taken per evaluation over every task reporting that metric (all report ``acc``; schema and language-modelling
   tasks have no ``acc_norm``), then its final and best.
@@ -22,7 +26,7 @@ Definitions:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import polars as pl
 
@@ -105,9 +109,19 @@ def overfitting_onset(frame: pl.DataFrame, tolerance: float = 0.01, metric: str 
     ).with_columns(pl.lit(tolerance).alias("tolerance"))
 
 
-def tokens_to_target(frame: pl.DataFrame, target: float, metric: str = "val_loss", direction: str = "below",
-                     interpolate: bool = False) -> pl.DataFrame:
-    """Per run: the first tokens_seen (and epoch) at which ``metric`` reaches ``target``."""
+def default_targets(best: pl.DataFrame) -> dict[str, float]:
+    """Per metric of a :func:`best_validation` table: the largest best loss of its runs (every one reaches it)."""
+    per = best.group_by("metric", maintain_order=True).agg(pl.col("best").max())
+    return {metric: float(value) for metric, value in per.iter_rows() if value is not None}
+
+
+def tokens_to_target(frame: pl.DataFrame, target: float | Mapping[str, float], metric: str = "val_loss",
+                     direction: str = "below", interpolate: bool = False) -> pl.DataFrame:
+    """Per run: the first tokens_seen (and epoch) at which ``metric`` reaches its target.
+
+    ``target`` is one number when every run reports the same metric, else a mapping metric -> target (runs of a
+    metric without one get a null target and are not reached); one number over ar_nll and mdm_nelbo runs at once
+    raises ValueError, because it would compare an NLL with a bound."""
     if direction not in ("below", "above"):
         raise ValueError(f"direction is 'below' (losses) or 'above' (accuracies), got {direction!r}")
     if metric in ("val_loss", *LOSS_METRICS):
@@ -116,14 +130,25 @@ def tokens_to_target(frame: pl.DataFrame, target: float, metric: str = "val_loss
         rows = frame.filter(pl.col("metric") == metric)
         rows = rows.sort([c for c in ("order", "seed", "run", "step") if c in rows.columns], nulls_last=True)
     keys = _run_keys(rows)
-    hit = pl.col("value") <= target if direction == "below" else pl.col("value") >= target
-    rows = rows.with_columns(hit.alias("_hit"),
+    metrics = rows["metric"].unique(maintain_order=True).to_list()
+    if isinstance(target, Mapping):
+        goal = pl.col("metric").replace_strict({m: float(v) for m, v in target.items()}, default=None,
+                                               return_dtype=pl.Float64)
+    elif len(metrics) > 1:
+        raise ValueError(f"target {target:g} is one number, but the runs report different quantities "
+                         f"({', '.join(metrics)}); give one target per metric, e.g. {{{metrics[0]!r}: ...}}")
+    else:
+        goal = pl.lit(float(target), dtype=pl.Float64)
+    rows = rows.with_columns(goal.alias("_target"))
+    hit = (pl.col("value") <= pl.col("_target") if direction == "below" else pl.col("value") >= pl.col("_target"))
+    rows = rows.with_columns(hit.fill_null(False).alias("_hit"),
                              pl.col("tokens_seen").shift(1).over("run").alias("_prev_tokens"),
                              pl.col("value").shift(1).over("run").alias("_prev_value"),
                              pl.col("epoch").shift(1).over("run").alias("_prev_epoch"))
     first = pl.col("_hit").arg_max()
     table = rows.group_by(keys, maintain_order=True).agg(
         pl.col("metric").first().alias("metric"),
+        pl.col("_target").first().alias("_goal"),
         pl.col("_hit").any().alias("reached"),
         pl.col("tokens_seen").get(first).cast(pl.Float64).alias("_tokens"),
         pl.col("epoch").get(first).alias("_epoch"),
@@ -136,7 +161,7 @@ def tokens_to_target(frame: pl.DataFrame, target: float, metric: str = "val_loss
         # linear between the evaluation before the crossing and the crossing (if there is one before it)
         span = pl.col("_value") - pl.col("_p_value")
         fraction = pl.when(pl.col("_p_value").is_not_null() & (span != 0)).then(
-            (pl.lit(target) - pl.col("_p_value")) / span).otherwise(1.0).clip(0.0, 1.0)
+            (pl.col("_goal") - pl.col("_p_value")) / span).otherwise(1.0).clip(0.0, 1.0)
         tokens = pl.col("_p_tokens") + fraction * (pl.col("_tokens") - pl.col("_p_tokens"))
         epoch = pl.col("_p_epoch") + fraction * (pl.col("_epoch") - pl.col("_p_epoch"))
         table = table.with_columns(pl.coalesce(tokens, pl.col("_tokens")).alias("_tokens"),
@@ -144,23 +169,45 @@ def tokens_to_target(frame: pl.DataFrame, target: float, metric: str = "val_loss
     return table.with_columns(
         pl.when(pl.col("reached")).then(pl.col("_tokens")).alias("tokens"),
         pl.when(pl.col("reached")).then(pl.col("_epoch")).alias("epoch"),
-        pl.lit(target).alias("target"),
+        pl.col("_goal").alias("target"),
     ).drop([c for c in table.columns if c.startswith("_")])
 
 
-def speedup(table: pl.DataFrame, baseline: str, by: str = "variant") -> pl.DataFrame:
-    """Per ``by`` value: mean tokens-to-target over the seeds that reached it and the speed-up over
-    ``baseline`` (baseline tokens / variant tokens; > 1 means fewer tokens than the baseline)."""
-    if baseline not in table[by].to_list():
-        raise ValueError(f"baseline {baseline!r} is not a {by}; choose one of {sorted(set(table[by].to_list()))}")
-    per = table.group_by(by, maintain_order=True).agg(
+def speedup(table: pl.DataFrame, baseline: str | Sequence[str] | None = None, by: str = "variant") -> pl.DataFrame:
+    """Per ``by`` value and metric: mean tokens-to-target over the seeds that reached it and the speed-up over
+    the baseline of the same metric and target (baseline tokens / variant tokens; > 1: fewer tokens).
+
+    ``baseline`` names one ``by`` value per metric (a string or several); a metric none is named for gets no
+    speed-up. Without ``baseline``, each metric's first ``by`` value (table order, i.e. declared order) is its
+    baseline, and a metric with a single ``by`` value gets none: there is nothing of its kind to compare with."""
+    named = [baseline] if isinstance(baseline, str) else list(baseline or [])
+    known = table[by].unique(maintain_order=True).to_list()
+    for name in named:
+        if name not in known:
+            raise ValueError(f"baseline {name!r} is not a {by}; choose one of {sorted(known, key=str)}")
+    family = ["metric", "target"] if "target" in table.columns else ["metric"]
+    per = table.group_by([by, *family], maintain_order=True).agg(
         pl.col("tokens").mean().alias("tokens_mean"),
         pl.col("reached").sum().alias("seeds_reached"),
         pl.len().alias("seeds"),
     )
-    base = per.filter(pl.col(by) == baseline)["tokens_mean"][0]
-    return per.with_columns((pl.lit(base, dtype=pl.Float64) / pl.col("tokens_mean")).alias("speedup"),
-                            pl.lit(baseline).alias("baseline"))
+    parts = []
+    for _, group in per.group_by(family, maintain_order=True):
+        members = group[by].to_list()
+        chosen = [name for name in named if name in members]
+        if len(chosen) > 1:
+            raise ValueError(f"baselines {chosen} both report {group['metric'][0]}; name one per metric")
+        base_name = chosen[0] if chosen else (members[0] if not named and len(members) > 1 else None)
+        base = group.filter(pl.col(by) == base_name)["tokens_mean"].mean() if base_name is not None else None
+        parts.append(group.with_columns((pl.lit(base, dtype=pl.Float64) / pl.col("tokens_mean")).alias("speedup"),
+                                        pl.lit(base_name, dtype=pl.String).alias("baseline")))
+    if not parts:
+        return per.with_columns(pl.lit(None, dtype=pl.Float64).alias("speedup"),
+                                pl.lit(None, dtype=pl.String).alias("baseline"))
+    order = {value: i for i, value in enumerate(known)}
+    out = pl.concat(parts, how="vertical_relaxed")
+    return out.with_columns(pl.col(by).replace_strict(order, return_dtype=pl.Int64).alias("_o")).sort(
+        "_o", maintain_order=True).drop("_o")
 
 
 def downstream_accuracy(frame: pl.DataFrame) -> pl.DataFrame:
