@@ -81,6 +81,45 @@ def test_bad_study_fails_before_any_trial(tmp_path, results_root, fields, key, m
     assert not (results_root / "bad").exists()
 
 
+def test_workers_below_one_names_the_flag(tmp_path, results_root, capsys):
+    """One line naming the flag: it printed ``--workers: <top level>: ...`` (source and key swapped)."""
+    path = write_study(tmp_path, "noworkers")
+    assert main(["tune", str(path), "--workers", "0"]) == 2
+    error = capsys.readouterr().err
+    assert "command line: --workers: must be >= 1, got 0" in error and "<top level>" not in error
+    assert not (results_root / "noworkers").exists()
+
+
+@pytest.mark.parametrize(("fields", "key", "message"), [
+    # sections built by config.build_dataclass, as run configs are: same key paths and wording
+    ({"search_space": {"optimizer.lr": {"lo": 1e-4, "high": 1e-2}}}, "search_space.optimizer.lr.lo",
+     "unknown key; allowed in search_space.optimizer.lr: choices, grid, high, log, low, step, type"),
+    ({"search_space": {"optimizer.lr": {"type": "integer", "low": 1, "high": 4}}}, "search_space.optimizer.lr.type",
+     "'integer' is not allowed; expected one of 'float', 'int', 'categorical', 'bool'"),
+    ({"search_space": {"optimizer.lr": {"low": "small", "high": 1e-2}}}, "search_space.optimizer.lr.low",
+     "expected a number, got 'small'"),
+    ({"search_space": {"optimizer.lr": {"low": 1e-4, "high": 1e-2, "log": True, "step": 1e-3}}},
+     "search_space.optimizer.lr.step", "a log range cannot have a step"),
+    ({"description": 5}, "description", "expected a string, got 5"),
+    ({"retry": {"max_retry": 1.5}}, "retry.max_retry", "expected an integer, got 1.5"),
+    ({"retry": {"max_retries": 1}}, "retry.max_retries", "unknown key; allowed in retry: errors, max_retry"),
+    ({"heartbeat": {"interval": 10, "grace_period": 10}}, "heartbeat.grace_period", "> interval (10)"),
+    ({"objective": {"metric": "val/ar_nll", "reduce": "mean"}}, "objective.reduce", "'mean' is not allowed"),
+    ({"objectives": ["val/ar_nll", {"metric": "val"}], "pruner": None}, "objectives[1].metric",
+     "expected split/metric"),
+    ({"seeds": [0, 0]}, "seeds", "distinct"),
+    ({"budget": "0.5dur"}, "budget", "the per-trial budget is tokens"),
+    ({"n_trials": 0}, "n_trials", "must be an integer >= 1"),
+    ({"trials": 4}, "trials", "unknown key; allowed in the top level:"),
+])
+def test_study_file_sections_are_validated_like_run_configs(tmp_path, fields, key, message):
+    path = write_study(tmp_path, "schema", **fields)
+    with pytest.raises(ConfigError) as info:
+        load_study_spec(path)
+    assert (info.value.source, info.value.key) == (str(path), key)
+    assert message in info.value.message
+
+
 def test_unreachable_storage_fails_before_any_trial(tmp_path, results_root, capsys):
     path = write_study(tmp_path, "nostorage")
     assert main(["tune", str(path), "--storage", "postgresql://nobody:secret@127.0.0.1:1/none"]) == 2

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.workers < 1:
-        raise ConfigError("--workers", "", f"must be >= 1, got {args.workers}")
+        raise ConfigError("command line", "--workers", f"must be >= 1, got {args.workers}")
     spec = load_study_spec(args.study, smoke=args.smoke, trials=args.trials)
     url = args.storage or spec.storage or default_storage(spec)
     storage = connect(spec, url)

@@ -7,57 +7,41 @@ import copy
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import yaml
 
 from workbench.config import (
     ConfigError,
     RunConfig,
+    build_dataclass,
     check_keys,
     config_from_dict,
     deep_merge,
     parse_count,
-    parse_duration,
     read_yaml,
     resolve_base,
     set_dotted,
 )
 from workbench.paths import results_dir
+from workbench.tune.schema import (
+    PARAM_HINT,
+    PRUNERS,
+    RESERVED,
+    SAMPLERS,
+    STEP_OPTIONS,
+    ObjectiveEntry,
+    ParamEntry,
+    StudyFile,
+    parse_number,
+)
 from workbench.tune.study import make_pruner, make_sampler
 
 if TYPE_CHECKING:
     import optuna
 
-STUDY_KEYS = ("name", "description", "run", "search_space", "objective", "objectives", "sampler", "pruner",
-              "n_trials", "budget", "seeds", "enqueue", "retry", "heartbeat", "storage", "smoke")
-PARAM_KEYS = ("type", "low", "high", "step", "log", "choices", "grid")
-SAMPLERS = ("tpe", "random", "cmaes", "gp", "grid", "nsgaii")
-PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
-STEP_OPTIONS = ("n_warmup_steps", "interval_steps", "min_resource", "max_resource")
-RESERVED = {"name": "trials are named <study>-trial-<n>", "seed": "use the study's seeds:",
-            "trainer.max_duration": "use the study's budget:"}
-SCALARS = (type(None), bool, int, float, str)
+STUDY_KEYS = tuple(f.name for f in fields(StudyFile))
 
-
-def _number(value: Any, source: str, key: str) -> float:
-    """YAML reads ``1e-4`` (no dot) as a string; accept it, reject anything else that is not a number."""
-    if isinstance(value, bool):
-        raise ConfigError(source, key, f"expected a number, got {value!r}")
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise ConfigError(source, key, f"expected a number, got {value!r}")
-
-
-def _label(value: Any) -> str:
-    return "null" if value is None else yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
 
 
 @dataclass
@@ -116,7 +100,7 @@ class Param:
                 if choice == value:
                     return option
             raise ConfigError(source, key, f"{value!r} is not one of the choices {self.options}")
-        number = _number(value, source, key)
+        number = parse_number(value, source, key)
         if not self.low <= number <= self.high:
             raise ConfigError(source, key, f"{value!r} is outside [{self.low:g}, {self.high:g}]")
         if self.kind == "int":
@@ -139,79 +123,22 @@ class Param:
 
 
 def parse_param(path: str, raw: Any, source: str) -> Param:
-    """Validate one search-space entry (shape and ranges; the config check comes later)."""
+    """Validate one search-space entry (shape and ranges, via :class:`ParamEntry`; the config check comes later)."""
     key = f"search_space.{path}"
     if not isinstance(path, str) or not path or any(not part for part in path.split(".")):
         raise ConfigError(source, key, "parameter paths are dotted run-config keys, e.g. algorithms.dropout.mlp")
-    for reserved, hint in RESERVED.items():
-        if path == reserved:
-            raise ConfigError(source, key, f"is set per trial, not searchable ({hint})")
+    if path in RESERVED:
+        raise ConfigError(source, key, f"is set per trial, not searchable ({RESERVED[path]})")
     if not isinstance(raw, dict):
-        raise ConfigError(source, key, "expected a mapping such as {low: 0.0, high: 0.5}, "
-                          "{type: int, low: 1, high: 4} or {choices: [a, b]}")
-    check_keys(raw, PARAM_KEYS, source, key)
-    kind = raw.get("type", "categorical" if "choices" in raw else "float")
-    if kind not in ("float", "int", "categorical", "bool"):
-        raise ConfigError(source, f"{key}.type", f"{kind!r} is not one of float, int, categorical, bool")
-    if kind in ("categorical", "bool"):
-        extra = [name for name in ("low", "high", "step", "log") if name in raw]
-        if extra:
-            raise ConfigError(source, f"{key}.{extra[0]}", f"not used by a {kind} parameter")
-        choices = raw.get("choices", [False, True] if kind == "bool" else None)
-        if isinstance(choices, dict):  # YAML 1.1 reads the labels on/off (yes/no) as booleans
-            options = [{True: "on", False: "off"}.get(label, str(label)) if isinstance(label, bool) else str(label)
-                       for label in choices]
-            values = list(choices.values())
-        elif isinstance(choices, list):
-            values = list(choices)
-            plain = all(isinstance(v, SCALARS) for v in values)
-            options = list(values) if plain else [_label(v) for v in values]
-        else:
-            raise ConfigError(source, f"{key}.choices", "expected a list of choices or a mapping label -> value")
-        if not options:
-            raise ConfigError(source, f"{key}.choices", "is empty: give at least two choices")
-        if len(options) < 2:
-            raise ConfigError(source, f"{key}.choices", "a single choice is a fixed value: put it in run: instead")
-        if len({json.dumps(o, sort_keys=True) for o in options}) != len(options):
-            raise ConfigError(source, f"{key}.choices", f"choices must be distinct, got {options}")
-        grid = raw.get("grid")
-        if grid is not None:
-            raise ConfigError(source, f"{key}.grid", "a categorical parameter's grid is its choices")
+        raise ConfigError(source, key, PARAM_HINT)
+    entry: ParamEntry = build_dataclass(ParamEntry, raw, source, key)
+    if entry.kind in ("categorical", "bool"):
+        options, values = entry.options()
         return Param(path, "categorical", options=options, values=values)
-
-    for name in ("low", "high"):
-        if name not in raw:
-            raise ConfigError(source, f"{key}.{name}", f"a {kind} range needs low and high")
-    if "choices" in raw:
-        raise ConfigError(source, f"{key}.choices", f"not used by a {kind} parameter (drop type: to use choices)")
-    low, high = _number(raw["low"], source, f"{key}.low"), _number(raw["high"], source, f"{key}.high")
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise ConfigError(source, key, "low and high must be finite")
-    log = raw.get("log", False)
-    if not isinstance(log, bool):
-        raise ConfigError(source, f"{key}.log", f"expected true or false, got {log!r}")
-    if kind == "int" and not (low.is_integer() and high.is_integer()):
-        raise ConfigError(source, key, f"an int range needs integer bounds, got [{raw['low']}, {raw['high']}]")
-    if low >= high:
-        raise ConfigError(source, key, f"empty range: low ({raw['low']}) must be below high ({raw['high']}); "
-                          "a fixed value belongs in run:")
-    if log and low <= 0:
-        raise ConfigError(source, f"{key}.low", f"a log range must lie above 0, got low={raw['low']}")
-    step = raw.get("step")
-    if step is not None:
-        step = _number(step, source, f"{key}.step")
-        if step <= 0 or (kind == "int" and not step.is_integer()):
-            raise ConfigError(source, f"{key}.step", f"must be a positive {'integer' if kind == 'int' else 'number'}")
-        if step > high - low:
-            raise ConfigError(source, f"{key}.step", f"step {step:g} is larger than the range [{low:g}, {high:g}]")
-        if log and (kind == "float" or step != 1):
-            raise ConfigError(source, f"{key}.step", "a log range cannot have a step")
-    param = Param(path, kind, low=low, high=high, step=step, log=log)
-    grid = raw.get("grid")
-    if grid is not None:
-        if not isinstance(grid, list) or not grid:
-            raise ConfigError(source, f"{key}.grid", "expected a non-empty list of values inside the range")
-        param.grid = [param.option_for(value, source, f"{key}.grid") for value in grid]
+    assert entry.low is not None and entry.high is not None  # checked by ParamEntry
+    param = Param(path, entry.kind, low=entry.low, high=entry.high, step=entry.step, log=entry.log)
+    if entry.grid is not None:
+        param.grid = [param.option_for(value, source, f"{key}.grid") for value in entry.grid]
     return param
 
 
@@ -235,30 +162,15 @@ class Objective:
 
 
 def parse_objective(raw: Any, source: str, key: str) -> Objective:
+    """An objective as written (``val/ar_nll`` or a mapping, see :class:`ObjectiveEntry`) -> Objective."""
     if isinstance(raw, str):
         raw = {"metric": raw}
     if not isinstance(raw, dict):
         raise ConfigError(source, key, "expected {metric: val/ar_nll, reduce: best, direction: minimize}")
-    check_keys(raw, ("metric", "reduce", "direction"), source, key)
-    metric = raw.get("metric")
-    if not isinstance(metric, str) or metric.count("/") != 1 or not all(metric.split("/")):
-        raise ConfigError(source, f"{key}.metric", f"expected split/metric such as val/ar_nll or "
-                          f"hellaswag/acc_norm, got {metric!r}")
-    split, name = metric.split("/")
-    reduce = raw.get("reduce", "best")
-    if reduce not in ("best", "final"):
-        raise ConfigError(source, f"{key}.reduce", f"{reduce!r} is not one of best, final")
-    direction = raw.get("direction")
-    if direction is None:
-        if name in ("ar_nll", "mdm_nelbo") or "loss" in name or "nll" in name:
-            direction = "minimize"
-        elif name.startswith("acc"):
-            direction = "maximize"
-        else:
-            raise ConfigError(source, f"{key}.direction", f"say whether to minimize or maximize {metric}")
-    if direction not in ("minimize", "maximize"):
-        raise ConfigError(source, f"{key}.direction", f"{direction!r} is not one of minimize, maximize")
-    return Objective(split, name, reduce, direction)
+    entry: ObjectiveEntry = build_dataclass(ObjectiveEntry, raw, source, key)
+    split, name = entry.metric.split("/")
+    assert entry.direction is not None  # inferred by ObjectiveEntry
+    return Objective(split, name, entry.reduce, entry.direction)
 
 
 def _steps(value: Any, unique_tokens: int, source: str, key: str) -> Any:
@@ -347,123 +259,117 @@ class StudySpec:
 
 
 def load_study_spec(path: str | Path, smoke: bool = False, trials: int | None = None) -> StudySpec:
-    """Read a study YAML (with its smoke block merged when ``smoke``) and validate it completely."""
+    """Read a study YAML (with its smoke block merged when ``smoke``) and validate it completely: the file's
+    shape by :class:`StudyFile` (config.build_dataclass), then every trial's run config by :func:`validate`."""
     path = Path(path)
     source = str(path)
-    raw = read_yaml(path)
-    check_keys(raw, STUDY_KEYS, source)
+    raw = _merge_smoke(read_yaml(path), source, smoke)
+    raw.setdefault("name", path.stem)
+    study: StudyFile = build_dataclass(StudyFile, raw, source)
+    assert study.name is not None
+    run, base_config = _run_section(study.run, path)
+    space = study.search_space
+    if not isinstance(space, dict) or not space:
+        raise ConfigError(source, "search_space", "expected a mapping of dotted run-config keys to distributions")
+    params = [parse_param(key, value, source) for key, value in space.items()]
+    objectives = _objectives(study, source)
+    pruner = _pruner(study.pruner, objectives, source)
+    pruner = {k: _steps(v, base_config.data.unique_tokens, source, f"pruner.{k}") if k in STEP_OPTIONS else v
+              for k, v in pruner.items()}
+    enqueue = study.enqueue or []
+    if not all(isinstance(point, dict) for point in enqueue):
+        raise ConfigError(source, "enqueue", "expected a list of {parameter path: value} mappings")
+    n_trials, key = (trials, "--trials") if trials is not None else (study.n_trials, "n_trials")
+    if n_trials < 1:
+        raise ConfigError(source, key, f"must be an integer >= 1, got {n_trials!r}")
+    if n_trials < len(enqueue):
+        raise ConfigError(source, key, f"{n_trials} trials cannot hold the {len(enqueue)} enqueued points")
+
+    spec = StudySpec(path, study.name, study.description, run, params, objectives, _sampler(study.sampler, source),
+                     pruner, n_trials, study.budget, _seeds(study.seeds, base_config.seed, source), [],
+                     study.retry.max_retry, study.retry.errors, study.heartbeat.interval,
+                     study.heartbeat.grace_period, study.storage)
+    spec.enqueue = [_check_point(spec, point, i) for i, point in enumerate(enqueue)]
+    validate(spec)
+    return spec
+
+
+def _merge_smoke(raw: dict[str, Any], source: str, smoke: bool) -> dict[str, Any]:
+    """``--smoke``: the ``smoke:`` block deep-merged over the file; the study is named ``<name>-smoke`` unless the
+    block names it."""
     smoke_block = raw.pop("smoke", None)
-    if smoke:
-        if not isinstance(smoke_block, dict):
-            raise ConfigError(source, "smoke", "--smoke needs a smoke: mapping merged over this study")
-        check_keys(smoke_block, STUDY_KEYS[:-1], source, "smoke")  # everything but smoke itself
-        name = raw.get("name")
-        raw = deep_merge(raw, smoke_block)
-        if "name" not in smoke_block and isinstance(name, str):
-            raw["name"] = f"{name}-smoke"
+    if not smoke:
+        return raw
+    if not isinstance(smoke_block, dict):
+        raise ConfigError(source, "smoke", "--smoke needs a smoke: mapping merged over this study")
+    check_keys(smoke_block, STUDY_KEYS, source, "smoke")
+    name = raw.get("name")
+    merged = deep_merge(raw, smoke_block)
+    if "name" not in smoke_block and isinstance(name, str):
+        merged["name"] = f"{name}-smoke"
+    return merged
 
-    name = raw.get("name", path.stem)
-    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name) or name[0] in "-_.":
-        raise ConfigError(source, "name", f"use letters, digits, '-', '_', '.' (it names a folder), got {name!r}")
 
-    run = raw.get("run")
+def _run_section(run: Any, path: Path) -> tuple[dict[str, Any], RunConfig]:
+    """The base run config (``base:`` resolved), checked by the run-config schema with keys under ``run.``."""
+    source = str(path)
     if isinstance(run, str):
         run = {"base": run}
     if not isinstance(run, dict):
         raise ConfigError(source, "run", "expected the base run config (a mapping, may use base: other.yaml)")
     run = resolve_base(copy.deepcopy(run), path)
     try:
-        base_config = config_from_dict({k: v for k, v in run.items() if k not in ("name",)}, source)
+        return run, config_from_dict({k: v for k, v in run.items() if k != "name"}, source)
     except ConfigError as err:
         raise ConfigError(source, f"run.{err.key}" if err.key else "run", err.message) from None
 
-    space = raw.get("search_space")
-    if not isinstance(space, dict) or not space:
-        raise ConfigError(source, "search_space", "expected a mapping of dotted run-config keys to distributions")
-    params = [parse_param(key, value, source) for key, value in space.items()]
 
-    if "objective" in raw and "objectives" in raw:
-        raise ConfigError(source, "objectives", "give objective: (one) or objectives: (several), not both")
-    if "objectives" in raw:
-        if not isinstance(raw["objectives"], list) or not raw["objectives"]:
+def _objectives(study: StudyFile, source: str) -> list[Objective]:
+    if study.objectives is not None:
+        if not isinstance(study.objectives, list) or not study.objectives:
             raise ConfigError(source, "objectives", "expected a non-empty list")
-        objectives = [parse_objective(o, source, f"objectives[{i}]") for i, o in enumerate(raw["objectives"])]
+        objectives = [parse_objective(o, source, f"objectives[{i}]") for i, o in enumerate(study.objectives)]
     else:
-        objectives = [parse_objective(raw.get("objective", "val/ar_nll"), source, "objective")]
+        objectives = [parse_objective(study.objective or "val/ar_nll", source, "objective")]
     if len({o.name for o in objectives}) != len(objectives):
         raise ConfigError(source, "objectives", "each metric can appear once")
+    return objectives
 
-    sampler = raw.get("sampler") or {"name": "tpe"}
+
+def _sampler(sampler: Any, source: str) -> dict[str, Any]:
+    """``tpe`` or ``{name: tpe, seed: 0, ...}``: the other keys are Optuna's options (checked by make_sampler)."""
+    sampler = sampler or {"name": "tpe"}
     if isinstance(sampler, str):
         sampler = {"name": sampler}
     if not isinstance(sampler, dict) or sampler.get("name") not in SAMPLERS:
         raise ConfigError(source, "sampler.name", f"choose one of {', '.join(SAMPLERS)}")
-    pruner = raw.get("pruner", {"name": "median" if len(objectives) == 1 else "none"})
+    return dict(sampler)
+
+
+def _pruner(pruner: Any, objectives: list[Objective], source: str) -> dict[str, Any]:
+    """A name or ``{name: median, ...}``; null means none; ``auto`` (the default) is median for one objective."""
+    if pruner == "auto":
+        pruner = "median" if len(objectives) == 1 else "none"
     if pruner is None or isinstance(pruner, str):
         pruner = {"name": pruner or "none"}
     if not isinstance(pruner, dict) or pruner.get("name") not in PRUNERS:
-        raise ConfigError(source, "pruner.name", f"choose one of {', '.join(PRUNERS)}")
+        raise ConfigError(source, "pruner.name", f"choose one of {', '.join(PRUNERS)} (or auto)")
     if len(objectives) > 1 and pruner["name"] != "none":
         raise ConfigError(source, "pruner", "Optuna prunes single-objective studies only; use pruner: none")
-    pruner = {k: _steps(v, base_config.data.unique_tokens, source, f"pruner.{k}") if k in STEP_OPTIONS else v
-              for k, v in pruner.items()}
+    return dict(pruner)
 
-    budget = raw.get("budget")
-    if budget is not None:
-        try:
-            budget = parse_duration(budget)
-        except ValueError as err:
-            raise ConfigError(source, "budget", str(err)) from None
-        if budget.endswith("dur"):
-            raise ConfigError(source, "budget", "the per-trial budget is tokens (e.g. 32Mtok), epochs or batches")
 
-    seeds = raw.get("seeds", [base_config.seed])
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
+def _seeds(seeds: int | list[int] | None, base_seed: int, source: str) -> list[int]:
+    """A count (seeds base, base+1, ...) or a list of distinct seeds; default the run config's seed."""
+    if seeds is None:
+        return [base_seed]
+    if isinstance(seeds, int):
         if seeds < 1:
             raise ConfigError(source, "seeds", "a count of seeds must be >= 1")
-        seeds = [base_config.seed + i for i in range(seeds)]
-    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        return [base_seed + i for i in range(seeds)]
+    if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(source, "seeds", f"expected a count or a list of distinct integers, got {seeds!r}")
-
-    retry = raw.get("retry") or {}
-    heartbeat = raw.get("heartbeat") or {}
-    for key, block, allowed in (("retry", retry, ("max_retry", "errors")),
-                                ("heartbeat", heartbeat, ("interval", "grace_period"))):
-        if not isinstance(block, dict):
-            raise ConfigError(source, key, f"expected a mapping with {', '.join(allowed)}")
-        check_keys(block, allowed, source, key)
-    max_retry, retry_errors = retry.get("max_retry", 2), retry.get("errors", False)
-    if not isinstance(max_retry, int) or isinstance(max_retry, bool) or max_retry < 0:
-        raise ConfigError(source, "retry.max_retry", "must be an integer >= 0")
-    if not isinstance(retry_errors, bool):
-        raise ConfigError(source, "retry.errors", "expected true or false")
-    interval, grace = heartbeat.get("interval", 30), heartbeat.get("grace_period", 120)
-    if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
-        raise ConfigError(source, "heartbeat.interval", "must be an integer number of seconds >= 1")
-    if not isinstance(grace, int) or isinstance(grace, bool) or grace <= interval:
-        raise ConfigError(source, "heartbeat.grace_period", f"must be an integer number of seconds > interval "
-                          f"({interval})")
-
-    enqueue = raw.get("enqueue") or []
-    if not isinstance(enqueue, list) or not all(isinstance(point, dict) for point in enqueue):
-        raise ConfigError(source, "enqueue", "expected a list of {parameter path: value} mappings")
-    n_trials = trials if trials is not None else raw.get("n_trials", 20)
-    key = "--trials" if trials is not None else "n_trials"
-    if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
-        raise ConfigError(source, key, f"must be an integer >= 1, got {n_trials!r}")
-    if n_trials < len(enqueue):
-        raise ConfigError(source, key, f"{n_trials} trials cannot hold the {len(enqueue)} enqueued points")
-    storage = raw.get("storage")
-    if storage is not None and not isinstance(storage, str):
-        raise ConfigError(source, "storage", "expected an SQLAlchemy URL such as postgresql://user@host/db")
-    description = raw.get("description", "")
-
-    spec = StudySpec(path, name, str(description), run, params, objectives, dict(sampler), dict(pruner), n_trials,
-                     budget, seeds, [], max_retry, retry_errors, interval, grace, storage)
-    spec.enqueue = [_check_point(spec, point, i) for i, point in enumerate(enqueue)]
-    validate(spec)
-    return spec
+    return seeds
 
 
 def _check_point(spec: StudySpec, point: dict[str, Any], index: int) -> dict[str, Any]:
@@ -495,6 +401,26 @@ def _check_config(spec: StudySpec, config: RunConfig, key: str) -> None:
 def validate(spec: StudySpec) -> None:
     """Build a run config for every representative value of every parameter (others at their first value),
     every enqueued point, and the sampler and pruner, before any trial starts."""
+    for key, options in _validation_cases(spec):
+        _, values = spec.trial_values(lambda p, options=options: options[p.path])
+        described = ", ".join(f"{path}={value!r}" for path, value in values.items())
+        try:
+            config = spec.trial_config(values, None, spec.seeds[0])
+        except ConfigError as err:
+            culprits = [path for path in values if path == err.key or err.key.startswith(f"{path}.")
+                        or path.startswith(f"{err.key}.")]
+            if key == "search_space" and culprits:  # name the parameter whose path the schema rejects
+                key = f"search_space.{max(culprits, key=len)}"
+            raise ConfigError(spec.source, key, f"with {described}: {err.key}: {err.message}") from None
+        _check_config(spec, config, f"trials with {described}")
+    if spec.sampler["name"] == "grid":
+        _check_grid(spec)
+    make_sampler(spec, 0)
+    make_pruner(spec)
+
+
+def _validation_cases(spec: StudySpec) -> list[tuple[str, dict[str, Any]]]:
+    """(key to blame, Optuna value of every parameter) for each point :func:`validate` builds a config for."""
     defaults = {p.path: p.representatives()[0] for p in spec.params}
     cases: list[tuple[str, dict[str, Any]]] = [("search_space", dict(defaults))]
     for param in spec.params:
@@ -509,27 +435,16 @@ def validate(spec: StudySpec) -> None:
                 cases.append((f"search_space.{param.path}", {**enabled, param.path: option}))
     for i, point in enumerate(spec.enqueue):
         cases.append((f"enqueue[{i}]", {**defaults, **point}))
-    for key, options in cases:
-        _, values = spec.trial_values(lambda p, options=options: options[p.path])
-        described = ", ".join(f"{path}={value!r}" for path, value in values.items())
-        try:
-            config = spec.trial_config(values, None, spec.seeds[0])
-        except ConfigError as err:
-            culprits = [path for path in values if path == err.key or err.key.startswith(f"{path}.")
-                        or path.startswith(f"{err.key}.")]
-            if key == "search_space" and culprits:  # name the parameter whose path the schema rejects
-                key = f"search_space.{max(culprits, key=len)}"
-            raise ConfigError(spec.source, key, f"with {described}: {err.key}: {err.message}") from None
-        _check_config(spec, config, f"trials with {described}")
-    if spec.sampler["name"] == "grid":
-        if spec.enqueue:
-            raise ConfigError(spec.source, "enqueue", "the grid sampler visits every grid point; drop enqueue")
-        missing = [p.path for p in spec.params if p.grid_values() is None]
-        if missing:
-            raise ConfigError(spec.source, f"search_space.{missing[0]}", "the grid sampler needs grid: [values] "
-                              "(or a step) for every float parameter")
-        points = math.prod(len(p.grid_values() or []) for p in spec.params)
-        if spec.n_trials > points:
-            raise ConfigError(spec.source, "n_trials", f"{spec.n_trials} trials but the grid has {points} points")
-    make_sampler(spec, 0)
-    make_pruner(spec)
+    return cases
+
+
+def _check_grid(spec: StudySpec) -> None:
+    if spec.enqueue:
+        raise ConfigError(spec.source, "enqueue", "the grid sampler visits every grid point; drop enqueue")
+    missing = [p.path for p in spec.params if p.grid_values() is None]
+    if missing:
+        raise ConfigError(spec.source, f"search_space.{missing[0]}", "the grid sampler needs grid: [values] "
+                          "(or a step) for every float parameter")
+    points = math.prod(len(p.grid_values() or []) for p in spec.params)
+    if spec.n_trials > points:
+        raise ConfigError(spec.source, "n_trials", f"{spec.n_trials} trials but the grid has {points} points")
