@@ -1,4 +1,6 @@
-"""A stopped run resumed from its latest (mid-epoch) checkpoint continues exactly like the uninterrupted run."""
+"""A stopped run resumed from its latest checkpoint continues exactly like the uninterrupted run: mid-epoch, at an
+``Nep`` checkpoint (saved after the epoch's evaluation) and at a token interval that lands on an epoch's last batch
+(saved before it)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,22 @@ from composer.core import Callback
 from workbench.results import read_metrics, read_summary
 from workbench.train import RunExistsError, train
 
+# tiny config: 32 batches per epoch, 2 epochs
+OBJECTIVES = {
+    "ar": {},
+    "ar-masking-dropout": {"algorithms": {"token_masking": {"max_rate": 0.5}, "dropout": {"mlp": 0.1}}},
+    "mdm": {"objective": {"name": "mdm"}},
+    "dual": {"objective": {"name": "dual", "dual": {"ar_fraction": 0.5, "mode": "sequences"}},
+             "algorithms": {"dropout": {"mlp": 0.1}}},
+}
+COLUMNS = ["step", "epoch", "tokens_seen", "unique_tokens", "split", "metric", "value"]
+_straight: dict[str, pl.DataFrame] = {}
+
 
 class CrashAt(Callback):
+    """Raises at the end of a batch, before that batch's checkpoint: what is on disk is what a SIGKILL at that
+    moment leaves (Composer saves nothing on the way out)."""
+
     def __init__(self, batch: int):
         self.batch = batch
 
@@ -19,36 +35,61 @@ class CrashAt(Callback):
             raise RuntimeError("simulated crash")
 
 
-def _losses(run_dir) -> pl.DataFrame:
+def _rows(run_dir) -> pl.DataFrame:
+    """Every metrics row but the throughput and wall clock (which differ between any two runs)."""
     frame = read_metrics(run_dir / "metrics.parquet")
-    return frame.filter(pl.col("split").is_in(["train", "val"]) & pl.col("metric").is_in(["loss", "ar_nll",
-                                                                                          "mdm_nelbo"]))
+    return frame.filter(pl.col("metric") != "tokens_per_s").select(COLUMNS).sort(["step", "split", "metric"])
 
 
-@pytest.mark.parametrize("objective", [
-    {"name": "ar"},
-    {"name": "dual", "dual": {"ar_fraction": 0.5, "mode": "sequences"}},
-])
-def test_resume_mid_epoch_matches_uninterrupted(tiny_config, results_root, objective):
-    overrides = {"objective": objective, "trainer": {"log_interval": 1, "checkpoint_interval": "5ba"},
-                 "algorithms": {"token_masking": {"max_rate": 0.5}, "dropout": {"mlp": 0.1}}}
-    config = tiny_config(overrides | {"name": f"straight-{objective['name']}"})
-    train(config)
-    straight = _losses(results_root / config.name)
+def _config(tiny_config, objective: str, name: str, checkpoint_interval: str):
+    return tiny_config(OBJECTIVES[objective] | {
+        "name": name, "trainer": {"log_interval": 1, "checkpoint_interval": checkpoint_interval}})
 
-    config = tiny_config(overrides | {"name": f"crashed-{objective['name']}"})
+
+def _uninterrupted(tiny_config, results_root, objective: str) -> pl.DataFrame:
+    """The uninterrupted run's rows, trained once per objective (the checkpoint cadence changes no number)."""
+    if objective not in _straight:
+        config = _config(tiny_config, objective, f"straight-{objective}", "1ep")
+        train(config)
+        _straight[objective] = _rows(results_root / config.name)
+    return _straight[objective]
+
+
+def _crash_and_resume(config, results_root, crash_at: int, checkpoint_batch: int) -> pl.DataFrame:
+    run_dir = results_root / config.name
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(config, extra_callbacks=[CrashAt(13)])  # 32 batches per epoch; the last checkpoint is at 10
-    assert read_summary(results_root / config.name)["status"] == "failed"
+        train(config, extra_callbacks=[CrashAt(crash_at)])
+    assert read_summary(run_dir)["status"] == "failed"
+    assert f"-ba{checkpoint_batch}-" in (run_dir / "checkpoints" / "latest-rank0.pt").resolve().name
     with pytest.raises(RunExistsError, match="--resume"):
         train(config)
     train(config, resume=True)
-    resumed = _losses(results_root / config.name)
+    assert read_summary(run_dir)["status"] == "complete"
+    resumed = _rows(run_dir)
+    assert not resumed.select(["step", "split", "metric"]).is_duplicated().any()
+    return resumed
 
-    assert read_summary(results_root / config.name)["status"] == "complete"
-    columns = ["step", "tokens_seen", "split", "metric", "value"]
-    assert resumed.select(columns).sort(["step", "split", "metric"]).equals(
-        straight.select(columns).sort(["step", "split", "metric"]))
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_resume_mid_epoch_matches_uninterrupted(tiny_config, results_root, objective):
+    straight = _uninterrupted(tiny_config, results_root, objective)
+    config = _config(tiny_config, objective, f"crashed-mid-{objective}", "5ba")
+    resumed = _crash_and_resume(config, results_root, crash_at=13, checkpoint_batch=10)
+    assert resumed.equals(straight)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+@pytest.mark.parametrize("interval", ["1ep", "32768tok"])
+def test_resume_at_epoch_boundary_matches_uninterrupted(tiny_config, results_root, objective, interval):
+    """``1ep`` saves at EPOCH_CHECKPOINT (after the epoch's evaluation); 32768 tokens, one epoch, saves at the
+    epoch's last BATCH_CHECKPOINT (before it). Either way the resumed run trains epoch 2 on epoch 2's shuffle,
+    with the uninterrupted run's masks, times and dropout, and evaluates epoch 1 exactly once."""
+    straight = _uninterrupted(tiny_config, results_root, objective)
+    config = _config(tiny_config, objective, f"crashed-{interval}-{objective}", interval)
+    resumed = _crash_and_resume(config, results_root, crash_at=36, checkpoint_batch=32)
+    assert resumed.equals(straight)
 
 
 def test_hard_killed_training_process_keeps_its_rows_and_resumes(tiny_config, results_root, tmp_path):

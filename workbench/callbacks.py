@@ -67,6 +67,7 @@ class TidyMetricsLogger(LoggerDestination):
         self._flush()
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        evaluated: list[dict[str, Any]] = []
         for key, value in metrics.items():
             if key == "loss/train/total":
                 self._loss_sum += float(value)
@@ -76,9 +77,13 @@ class TidyMetricsLogger(LoggerDestination):
             elif key.startswith("metrics/"):
                 _, split, name = key.split("/", 2)
                 number = float(value)
-                self._row(split, name, number)
+                evaluated.append(self._fields(split, name, number))
                 if name in PERPLEXITY_OF:
-                    self._row(split, PERPLEXITY_OF[name], math.exp(min(number, 700.0)))
+                    evaluated.append(self._fields(split, PERPLEXITY_OF[name], math.exp(min(number, 700.0))))
+        if evaluated:
+            # replace, not append: a checkpoint saved at the last batch of an epoch (a token or batch interval that
+            # lands on the boundary) precedes that epoch's evaluation, which a resumed run therefore runs again
+            self.writer.replace(evaluated)
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if int(state.timestamp.batch) % self.log_interval == 0 and self._loss_count:
@@ -102,13 +107,17 @@ class TidyMetricsLogger(LoggerDestination):
 
     # helpers -----------------------------------------------------------------------------------------------
     def _row(self, split: str, metric: str, value: float, step: int | None = None, tokens: int | None = None) -> None:
+        self.writer.add(**self._fields(split, metric, value, step, tokens))
+
+    def _fields(self, split: str, metric: str, value: float, step: int | None = None,
+                tokens: int | None = None) -> dict[str, Any]:
         assert self.state is not None
         timestamp = self.state.timestamp
         tokens = int(timestamp.token) if tokens is None else tokens
-        self.writer.add(run=self.run_name, step=int(timestamp.batch) if step is None else step,
-                        epoch=tokens / self.unique_tokens, tokens_seen=tokens, unique_tokens=self.unique_tokens,
-                        split=split, metric=metric, value=value,
-                        wall_time=self._wall_offset + time.time() - self._start)
+        return {"run": self.run_name, "step": int(timestamp.batch) if step is None else step,
+                "epoch": tokens / self.unique_tokens, "tokens_seen": tokens, "unique_tokens": self.unique_tokens,
+                "split": split, "metric": metric, "value": value,
+                "wall_time": self._wall_offset + time.time() - self._start}
 
     def _flush(self) -> None:
         if dist.get_global_rank() == 0:

@@ -24,10 +24,32 @@ from streaming import StreamingDataLoader, StreamingDataset
 
 
 class TokenShards(StreamingDataset):
-    """MDS shards of fixed-length token sequences -> ``{"tokens": int64 (L,), "index": int}``."""
+    """MDS shards of fixed-length token sequences -> ``{"tokens": int64 (L,), "index": int}``.
+
+    Resume state is corrected at epoch boundaries. Composer saves ``state_dict(sample_in_epoch, True)`` with its
+    own timestamp, which it moves to the next epoch before the epoch-end checkpoint; Streaming's epoch counter only
+    moves when the next epoch's iterator starts. At an ``Nep`` checkpoint Streaming therefore recorded "epoch E-1,
+    sample 0" and a resumed run replayed epoch E-1's shuffle as epoch E (a different data order from the
+    uninterrupted run). A finished epoch is recorded here as the start of the next one."""
+
+    BOUNDARY_KEY = "workbench_epoch_boundary_fix"  # marks states written with the correction (older ones lack it)
 
     def get_item(self, idx: int) -> dict[str, Any]:
         return {"tokens": super().get_item(idx)["tokens"], "index": idx}
+
+    def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
+        state = super().state_dict(num_samples, from_beginning)
+        # an epoch's iterator has started (next_epoch > 0) and Composer says 0 samples of it remain to be counted:
+        # Composer has finished that epoch, so a resume starts the next one from its first sample
+        if from_beginning and num_samples == 0 and self.next_epoch > 0 and state["epoch"] == self.next_epoch - 1:
+            state["epoch"] += 1
+        return {**state, self.BOUNDARY_KEY: True}
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        if self.BOUNDARY_KEY not in obj and obj.get("sample_in_epoch") == 0:
+            # written before the correction: Composer saves sample 0 only after it finished that epoch
+            obj = {**obj, "epoch": int(obj["epoch"]) + 1}
+        super().load_state_dict(obj)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
