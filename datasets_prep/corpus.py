@@ -7,10 +7,17 @@ tokenized, joined with EOS and cut into fixed-length sequences. The training set
 ``val_tokens`` tokens of the validation split in file order, shared by every run with the same tokenizer and
 sequence length. A ``manifest.json`` beside the shards records what went in; preparing the same thing again
 is a no-op, and a folder holding something else is never overwritten silently.
+
+Any number of processes may call :func:`prepare` at once (every rank under Composer's launcher, parallel
+ablation runs, Optuna workers, several hosts on a shared folder): each output (BPE tokenizer, train split, val
+split) is built by one of them under an inter-process lock and published by a rename; the others wait and reuse
+it (see :mod:`datasets_prep.cache`). Outputs are keyed by the sha256 of the corpus files, so an input edited in
+place gets new shards.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
@@ -23,9 +30,18 @@ from typing import Any
 
 import numpy as np
 
+from datasets_prep.cache import (
+    atomic_write_bytes,
+    ensure_writable,
+    exclusive,
+    file_sha256,
+    publish_dir,
+    remove_stale_temps,
+    temp_dir_beside,
+)
 from workbench.config import DataConfig
 from workbench.paths import expand, prepared_dir
-from workbench.tokenizer import TextTokenizer, cached_bpe, from_tokenizer_json, load_tokenizer
+from workbench.tokenizer import TextTokenizer, from_tokenizer_json, load_tokenizer, train_bpe
 
 MANIFEST_VERSION = 1
 EXTENSIONS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text", ".text": "text"}
@@ -33,6 +49,34 @@ EXTENSIONS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": 
 
 class CorpusError(ValueError):
     """Bad corpus input, reported before any shard is written."""
+
+
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENOSPC, errno.EDQUOT}
+
+
+def _cache_error(folder: Path, err: OSError, what: str = "the prepared-data cache") -> CorpusError:
+    """One line naming the folder that cannot be written and how to move it elsewhere."""
+    reason = err.strerror or str(err)
+    if folder.is_relative_to(prepared_dir()):
+        where = f"set WORKBENCH_PREPARED to a writable folder (now {prepared_dir()})"
+    else:
+        where = "choose a writable output folder"
+    return CorpusError(f"{folder}: cannot write {what} there ({reason}); {where}")
+
+
+def _writable(folder: Path, what: str = "the prepared-data cache") -> Path:
+    """``folder``, created and proven writable, or a :class:`CorpusError` naming it (before any expensive work)."""
+    try:
+        ensure_writable(folder)
+    except OSError as err:
+        raise _cache_error(folder, err, what) from None
+    return folder
+
+
+def _locked(target: Path, what: str, log: Callable[[str], None]):
+    """The inter-process lock of ``target``, taken after proving its folder writable."""
+    _writable(target.parent)
+    return exclusive(target, waiting=lambda: log(f"[prep] {what}: another process is preparing {target}; waiting"))
 
 
 @dataclass
@@ -122,12 +166,16 @@ def _clean_jsonl(path: Path, text_column: str, stats: dict[str, Any]) -> Path:
                 good.append(raw.rstrip(b"\n"))
     if not good and fields is not None:
         raise CorpusError(f"data.text_column: {text_column!r} is not a field of {path} (fields: {', '.join(fields)})")
+    if not good and bad:
+        first = next(e for e in stats["skipped_line_examples"] if e.startswith(f"{path}:"))
+        raise CorpusError(f"data.corpus: every line of {path} was skipped ({bad:,} of {bad:,}; first: {first}); "
+                          f"each line must be a JSON object with a string field {text_column!r}")
     if not bad:
         return path
-    digest = hashlib.sha256(f"{path}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
-    cleaned = prepared_dir() / "cleaned" / f"{path.name.split('.')[0]}-{digest}.jsonl"
-    cleaned.parent.mkdir(parents=True, exist_ok=True)
-    cleaned.write_bytes(b"\n".join(good) + b"\n")
+    # keyed by content: an edited file gets a new copy; equal content is written once, atomically
+    cleaned = _writable(prepared_dir() / "cleaned") / f"{path.name.split('.')[0]}-{file_sha256(path)[:16]}.jsonl"
+    if not cleaned.is_file():
+        atomic_write_bytes(cleaned, b"\n".join(good) + b"\n")
     return cleaned
 
 
@@ -137,26 +185,34 @@ def load_documents(corpus: str, split: str, text_column: str, stats: dict[str, A
 
     datasets.disable_progress_bars()
     files = resolve_split(corpus, split)
-    cache = str(prepared_dir() / "hf-datasets")
     if files is None:
+        cache = _writable(prepared_dir() / "hf-datasets", HF_CACHE)
         try:
-            ds = datasets.load_dataset(corpus, split=split, cache_dir=cache)
+            ds = datasets.load_dataset(corpus, split=split, cache_dir=str(cache))
+        except OSError as err:
+            _raise_if_unwritable(err, cache)
+            raise CorpusError(f"data.corpus: could not load hub dataset {corpus!r} split {split!r}: {err}") from None
         except Exception as err:  # network, unknown name, unknown split
             raise CorpusError(f"data.corpus: could not load hub dataset {corpus!r} split {split!r}: {err}") from None
         source = [{"hub": corpus, "split": split}]
     else:
         kind = _file_kind(files[0])
-        if kind == "json":
-            files = [_clean_jsonl(p, text_column, stats) for p in files]
+        loaded = [_clean_jsonl(p, text_column, stats) for p in files] if kind == "json" else files
         options: dict[str, Any] = {"encoding_errors": "replace"} if kind == "text" else {}
         if kind == "text":
             options["sample_by"] = "paragraph"  # documents are separated by blank lines
+        # Arrow cache per content: datasets' own key is the files' mtime, blind to edits that keep it
+        content = hashlib.sha256("".join(file_sha256(p) for p in loaded).encode()).hexdigest()[:16]
+        cache = _writable(prepared_dir() / "hf-datasets" / content, HF_CACHE)
         try:
-            ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", cache_dir=cache,
+            ds = datasets.load_dataset(kind, data_files=[str(p) for p in loaded], split="train", cache_dir=str(cache),
                                        **options)
+        except OSError as err:
+            _raise_if_unwritable(err, cache)
+            raise CorpusError(f"data.corpus: could not read {', '.join(map(str, files))}: {err}") from None
         except Exception as err:
             raise CorpusError(f"data.corpus: could not read {', '.join(map(str, files))}: {err}") from None
-        source = [{"file": str(p), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files]
+        source = [{"file": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]
     if text_column not in ds.column_names:
         raise CorpusError(f"data.text_column: {text_column!r} is not a column of {corpus} split {split!r}; "
                           f"columns: {', '.join(ds.column_names)}")
@@ -164,12 +220,17 @@ def load_documents(corpus: str, split: str, text_column: str, stats: dict[str, A
     return ds.select_columns([text_column])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+HF_CACHE = "the Hugging Face datasets cache of the prepared data"
+
+
+def _raise_if_unwritable(err: OSError, cache: Path) -> None:
+    """A write failure inside ``datasets`` names the folder it could not write, not the corpus."""
+    if err.errno in _NOT_WRITABLE:
+        folder = Path(err.filename) if err.filename else cache
+        if folder.is_relative_to(cache):
+            raise _cache_error(cache, err, HF_CACHE) from None
+        raise CorpusError(f"{folder}: cannot write there ({err.strerror}) while loading the corpus with Hugging Face "
+                          f"datasets (its own files move with HF_HOME)") from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -217,22 +278,23 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 
 def write_shards(sequences: np.ndarray, out: Path, dtype: str, manifest: dict[str, Any],
                  tokenizer: TextTokenizer) -> None:
-    """Write MDS shards, the tokenizer and the manifest into a temporary folder, then rename it into place."""
+    """Write MDS shards, the tokenizer and the manifest into a uniquely named temporary folder beside ``out``,
+    then rename it into place (callers hold ``out``'s lock; see :mod:`datasets_prep.cache`)."""
     from streaming import MDSWriter
 
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    rows = sequences.astype(dtype)
-    with MDSWriter(out=str(tmp), columns={"tokens": f"ndarray:{dtype}"}, compression=None,
-                   size_limit=1 << 26) as writer:
-        for row in rows:
-            writer.write({"tokens": row})
-    tokenizer.save(tmp / "tokenizer.json")
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    tmp = temp_dir_beside(out)
+    try:
+        rows = sequences.astype(dtype)
+        with MDSWriter(out=str(tmp), columns={"tokens": f"ndarray:{dtype}"}, compression=None,
+                       size_limit=1 << 26) as writer:  # an empty folder is accepted
+            for row in rows:
+                writer.write({"tokens": row})
+        tokenizer.save(tmp / "tokenizer.json")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -240,12 +302,13 @@ def write_shards(sequences: np.ndarray, out: Path, dtype: str, manifest: dict[st
 
 
 def _files_key(corpus: str, split: str, files: list[Path] | None) -> list[dict[str, Any]]:
-    """Identity of a split's sources that survives moving the data folder: names relative to it and sizes."""
+    """Identity of a split's sources: names relative to the data folder (so moving it keeps the key), sizes, and
+    the sha256 of the bytes (so a file edited in place, even at the same size and mtime, gets new shards)."""
     if files is None:
         return [{"hub": corpus, "split": split}]
     root = Path(expand(corpus))
-    return [{"file": str(p.relative_to(root)) if p.is_relative_to(root) else p.name, "bytes": p.stat().st_size}
-            for p in files]
+    return [{"file": str(p.relative_to(root)) if p.is_relative_to(root) else p.name, "bytes": p.stat().st_size,
+             "sha256": file_sha256(p)} for p in files]
 
 
 def _spec_digest(spec: dict[str, Any]) -> str:
@@ -259,7 +322,13 @@ def _check_existing(out: Path, spec: dict[str, Any], force: bool) -> dict[str, A
         if out.exists() and any(out.iterdir()) and not force:
             raise CorpusError(f"{out} exists without a manifest.json; refusing to overwrite it (use --force)")
         return None
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        if force:
+            return None
+        raise CorpusError(f"{path}: unreadable manifest ({err}); delete {out} to prepare it again, "
+                          "or pass --force") from None
     if manifest.get("spec") == spec:
         return manifest
     if force:
@@ -270,7 +339,8 @@ def _check_existing(out: Path, spec: dict[str, Any], force: bool) -> dict[str, A
                       "refusing to overwrite them: choose another output folder or pass --force")
 
 
-def _tokenizer_for(cfg: DataConfig, train_docs_factory: Callable, corpus_key: list) -> TextTokenizer:
+def _tokenizer_for(cfg: DataConfig, train_docs_factory: Callable, corpus_key: list,
+                   log: Callable[[str], None]) -> TextTokenizer:
     if cfg.tokenizer.kind != "bpe":
         return load_tokenizer(cfg.tokenizer)
     n_docs = cfg.tokenizer.train_documents
@@ -283,7 +353,37 @@ def _tokenizer_for(cfg: DataConfig, train_docs_factory: Callable, corpus_key: li
             yield from (t for t in docs[order[start:start + 256].tolist()][column] if t)
 
     key = {"corpus": corpus_key, "column": cfg.text_column, "documents": n_docs, "vocab_size": cfg.tokenizer.vocab_size}
-    return cached_bpe(key, texts, cfg.tokenizer.vocab_size)
+    return cached_bpe(key, texts, cfg.tokenizer.vocab_size, log)
+
+
+def _read_cached_tokenizer(path: Path, log: Callable[[str], None]) -> TextTokenizer | None:
+    """The cached tokenizer, or None when there is none or it is unreadable (then it is rebuilt, and said so)."""
+    if not path.is_file():
+        return None
+    try:
+        return from_tokenizer_json(path, "bpe")
+    except ValueError as err:
+        log(f"[prep] tokenizer: {err}; rebuilding it")
+        return None
+
+
+def cached_bpe(key: dict, texts_factory: Callable, vocab_size: int,
+               log: Callable[[str], None] = print) -> TextTokenizer:
+    """Train a BPE once per ``key`` (corpus content, documents, vocab size) and reuse it from the cache; one
+    process trains it while concurrent ones wait, and a truncated or corrupt cached file is rebuilt."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = prepared_dir() / "tokenizers" / f"bpe{vocab_size}-{digest}.json"
+    tokenizer = _read_cached_tokenizer(path, log)
+    if tokenizer is not None:
+        return tokenizer
+    with _locked(path, "tokenizer", log):
+        tokenizer = _read_cached_tokenizer(path, lambda _: None)  # built by the process we waited for?
+        if tokenizer is None:
+            log(f"[prep] tokenizer: training a {vocab_size}-token BPE on {key['documents']:,} documents")
+            tokenizer = train_bpe(texts_factory(), vocab_size)
+            atomic_write_bytes(path, tokenizer.tokenizer.to_str().encode())
+            log(f"[prep] tokenizer: wrote {path}")
+    return tokenizer
 
 
 def prepare(cfg: DataConfig, out: str | Path | None = None, force: bool = False,
@@ -304,7 +404,7 @@ def prepare(cfg: DataConfig, out: str | Path | None = None, force: bool = False,
     val_files = resolve_split(cfg.corpus, cfg.val_split)
     corpus_key = _files_key(cfg.corpus, cfg.train_split, train_files)
     val_key = _files_key(cfg.corpus, cfg.val_split, val_files)
-    tokenizer = _tokenizer_for(cfg, train_docs, corpus_key)
+    tokenizer = _tokenizer_for(cfg, train_docs, corpus_key, log)
     seq_len = cfg.seq_len
     unique = (cfg.unique_tokens // seq_len) * seq_len
     val_tokens = (cfg.val_tokens // seq_len) * seq_len
@@ -325,41 +425,53 @@ def prepare(cfg: DataConfig, out: str | Path | None = None, force: bool = False,
 
     splits = {}
     for name, target, spec in (("train", train_out, train_spec), ("val", val_out, val_spec)):
-        existing = _check_existing(target, spec, force)
-        if existing is not None:
-            log(f"[prep] {name}: already prepared at {target} ({existing['num_sequences']:,} sequences)")
-            splits[name] = PreparedSplit(target, existing)
-            continue
-        stats: dict[str, Any] = train_stats if name == "train" else {}
-        if name == "train":
-            docs = train_docs()
-            order = np.random.default_rng(cfg.subset_seed).permutation(len(docs))
-            needed = unique
-        else:
-            docs = load_documents(cfg.corpus, cfg.val_split, cfg.text_column, stats)
-            order = np.arange(len(docs))
-            needed = val_tokens
-        log(f"[prep] {name}: tokenizing {expand(cfg.corpus)} split {spec['split']!r} into {needed:,} tokens "
-            f"({needed // seq_len:,} sequences of {seq_len})")
-        try:
-            tokens = collect_tokens(docs, cfg.text_column, order, tokenizer, needed, stats, seq_len)
-        except CorpusError as err:
-            key = "data.unique_tokens" if name == "train" else "data.val_tokens"
-            raise CorpusError(f"{key}: {err}") from None
-        manifest = {
-            "spec": spec, "num_sequences": needed // seq_len, "num_tokens": needed, "dtype": tokenizer.token_dtype,
-            "requested_tokens": cfg.unique_tokens if name == "train" else cfg.val_tokens,
-            **stats,
-        }
-        if name == "val":
-            manifest["unigram_entropy"] = unigram_entropy(tokens)
-        write_shards(tokens.reshape(-1, seq_len), target, tokenizer.token_dtype, manifest, tokenizer)
-        log(f"[prep] {name}: wrote {target} ({manifest['documents_used']:,} documents, "
-            f"{manifest['documents_empty']} empty skipped, {manifest.get('skipped_lines', 0)} bad lines skipped)")
-        splits[name] = PreparedSplit(target, manifest)
+        existing = _check_existing(target, spec, force)  # outputs appear by a rename: a manifest means complete
+        if existing is None:
+            with _locked(target, name, log):
+                remove_stale_temps(target)  # left by writers killed before publishing
+                existing = _check_existing(target, spec, force)  # published by the process we waited for?
+                if existing is None:
+                    splits[name] = _prepare_split(cfg, name, target, spec, tokenizer, train_docs, train_stats, log)
+                    continue
+        log(f"[prep] {name}: already prepared at {target} ({existing['num_sequences']:,} sequences)")
+        splits[name] = PreparedSplit(target, existing)
     return PreparedData(splits["train"], splits["val"], tokenizer)
 
 
+def _prepare_split(cfg: DataConfig, name: str, target: Path, spec: dict[str, Any], tokenizer: TextTokenizer,
+                   train_docs: Callable, train_stats: dict[str, Any], log: Callable[[str], None]) -> PreparedSplit:
+    """Tokenize, pack and publish one split (the caller holds ``target``'s lock)."""
+    seq_len = cfg.seq_len
+    stats: dict[str, Any] = train_stats if name == "train" else {}
+    if name == "train":
+        docs = train_docs()
+        order = np.random.default_rng(cfg.subset_seed).permutation(len(docs))
+        needed = spec["unique_tokens"]
+    else:
+        docs = load_documents(cfg.corpus, cfg.val_split, cfg.text_column, stats)
+        order = np.arange(len(docs))
+        needed = spec["val_tokens"]
+    log(f"[prep] {name}: tokenizing {expand(cfg.corpus)} split {spec['split']!r} into {needed:,} tokens "
+        f"({needed // seq_len:,} sequences of {seq_len})")
+    try:
+        tokens = collect_tokens(docs, cfg.text_column, order, tokenizer, needed, stats, seq_len)
+    except CorpusError as err:
+        key = "data.unique_tokens" if name == "train" else "data.val_tokens"
+        raise CorpusError(f"{key}: {err}") from None
+    manifest = {
+        "spec": spec, "num_sequences": needed // seq_len, "num_tokens": needed, "dtype": tokenizer.token_dtype,
+        "requested_tokens": cfg.unique_tokens if name == "train" else cfg.val_tokens,
+        **stats,
+    }
+    if name == "val":
+        manifest["unigram_entropy"] = unigram_entropy(tokens)
+    write_shards(tokens.reshape(-1, seq_len), target, tokenizer.token_dtype, manifest, tokenizer)
+    log(f"[prep] {name}: wrote {target} ({manifest['documents_used']:,} documents, "
+        f"{manifest['documents_empty']} empty skipped, {manifest.get('skipped_lines', 0)} bad lines skipped)")
+    return PreparedSplit(target, manifest)
+
+
 def load_prepared_tokenizer(split_dir: str | Path) -> TextTokenizer:
+    """The tokenizer saved beside a prepared split (``ValueError`` naming the file when it is unreadable)."""
     return from_tokenizer_json(Path(split_dir) / "tokenizer.json")
 

@@ -7,7 +7,6 @@ for masked diffusion and input-token masking; neither occurs inside encoded text
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from tokenizers import Tokenizer
 from tokenizers.implementations import BertWordPieceTokenizer, ByteLevelBPETokenizer
 
 from workbench.config import TokenizerConfig
-from workbench.paths import expand, prepared_dir
+from workbench.paths import expand
 
 EOS = "<|endoftext|>"
 MASK = "<|mask|>"
@@ -59,8 +58,17 @@ class TextTokenizer:
 
 
 def from_tokenizer_json(path: str | Path, kind: str = "saved") -> TextTokenizer:
-    """Load a tokenizer saved by :meth:`TextTokenizer.save` (EOS and mask are added tokens)."""
-    tok = Tokenizer.from_file(str(path))
+    """Load a tokenizer saved by :meth:`TextTokenizer.save` (EOS and mask are added tokens).
+
+    Raises ``ValueError`` naming the file when it is not a tokenizer (truncated, empty, other JSON): the Rust
+    parser's own message (``EOF while parsing a value at line 1``) names none."""
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for every parse failure
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"tokenizer file {path} not found") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path}: not a readable tokenizer file ({reason})") from None
     eos, mask = _special_ids(tok)
     return TextTokenizer(tok, kind, eos, mask)
 
@@ -102,22 +110,9 @@ def load_tokenizer(cfg: TokenizerConfig, training_texts: Iterable[str] | None = 
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> TextTokenizer:
-    """Train a byte-level BPE; EOS is id 0 and the mask token id 1."""
+    """Train a byte-level BPE; EOS is id 0 and the mask token id 1 (cached per corpus by
+    :func:`datasets_prep.corpus.prepare`)."""
     tok = ByteLevelBPETokenizer()
     tok.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, MASK],
                             show_progress=False)
     return TextTokenizer(tok._tokenizer, "bpe", tok.token_to_id(EOS), tok.token_to_id(MASK))
-
-
-def cached_bpe(key: dict, texts_factory, vocab_size: int) -> TextTokenizer:
-    """Train a BPE once per ``key`` (corpus files, documents, vocab size) and reuse it from the cache."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    path = prepared_dir() / "tokenizers" / f"bpe{vocab_size}-{digest}.json"
-    if path.is_file():
-        return from_tokenizer_json(path, "bpe")
-    tokenizer = train_bpe(texts_factory(), vocab_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tokenizer.save(tmp)
-    tmp.replace(path)
-    return tokenizer
