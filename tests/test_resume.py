@@ -130,3 +130,26 @@ def test_hard_killed_training_process_keeps_its_rows_and_resumes(tiny_config, re
     assert summary["status"] == "complete" and summary["epochs"] == 3
     losses = after.filter((pl.col("split") == "train") & (pl.col("metric") == "loss"))
     assert losses["step"].to_list() == list(range(2, 97, 2))  # no step lost, none duplicated
+
+
+def test_checkpoint_written_before_the_epoch_boundary_fix_resumes_exactly(tiny_config, results_root):
+    """A run interrupted under the old code holds Streaming's own epoch-end state ("the finished epoch, sample 0",
+    no marker); resuming it with this code still trains the next epoch on its own shuffle."""
+    import torch
+
+    from workbench.data import TokenShards
+
+    straight = _uninterrupted(tiny_config, results_root, "ar")
+    config = _config(tiny_config, "ar", "crashed-old-format", "1ep")
+    run_dir = results_root / config.name
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config, extra_callbacks=[CrashAt(36)])
+    path = (run_dir / "checkpoints" / "latest-rank0.pt").resolve()
+    payload = torch.load(path, weights_only=False)
+    dataset_state = payload["state"]["dataset_state"]["train"]
+    assert dataset_state["epoch"] == 1 and dataset_state["sample_in_epoch"] == 0  # the second epoch, from its start
+    del dataset_state[TokenShards.BOUNDARY_KEY]
+    dataset_state["epoch"] = 0  # what Streaming recorded on its own
+    torch.save(payload, path)
+    train(config, resume=True)
+    assert _rows(run_dir).equals(straight)
