@@ -427,6 +427,46 @@ class TrainerConfig:
             raise ConfigError("", "log_interval", "must be >= 1")
         if self.keep_checkpoints < 1:
             raise ConfigError("", "keep_checkpoints", "must be >= 1 (resume needs the latest checkpoint)")
+        if self.microbatch_size is not None and self.microbatch_size < 1:
+            raise ConfigError("", "microbatch_size", f"must be >= 1 (or null: the whole per-process batch at once), "
+                              f"got {self.microbatch_size}")
+
+
+@dataclass
+class TensorBoardLoggerConfig:
+    """Composer's TensorboardLogger; events go to ``<dir>/<run name>/``."""
+
+    dir: str | None = None  # default: tensorboard/ in the run's group folder (the ablation's or study's folder)
+    flush_interval: int = 100  # batches
+
+
+@dataclass
+class MLflowLoggerConfig:
+    """Composer's MLFlowLogger (MLflow 2: Composer 0.32.1 needs mlflow<3)."""
+
+    tracking_uri: str | None = None  # default: the local file store mlruns/ in the run's group folder
+    experiment: str | None = None  # default: the ablation's or study's name, else "workbench"
+
+
+@dataclass
+class WandbLoggerConfig:
+    """Composer's WandBLogger; offline by default (no account, no network; ``wandb sync`` uploads later)."""
+
+    project: str = "workbench"
+    entity: str | None = None
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    dir: str | None = None  # default: the run's group folder (W&B writes a wandb/ folder there)
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggersConfig:
+    """Experiment trackers fed the same tidy rows as metrics.parquet (which is always written); all off by
+    default. See workbench/trackers.py."""
+
+    tensorboard: TensorBoardLoggerConfig | None = None
+    mlflow: MLflowLoggerConfig | None = None
+    wandb: WandbLoggerConfig | None = None
 
 
 CALLBACKS = ("speed_monitor", "lr_monitor", "memory_monitor", "runtime_estimator")
@@ -447,6 +487,7 @@ class RunConfig:
     callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    loggers: LoggersConfig = field(default_factory=LoggersConfig)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", self.name):

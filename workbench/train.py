@@ -225,6 +225,9 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
         from workbench.evaluation.tasks import check_tasks
 
         check_tasks(downstream.tasks)  # bad task names/files fail before any data is prepared
+    from workbench.trackers import build_trackers, check_trackers
+
+    check_trackers(config)  # a configured tracker whose package is missing fails here too
     device = _device(config)
     precision = _precision(config, device)
 
@@ -258,6 +261,7 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
     if state == "resume" and (checkpoints / LATEST_CHECKPOINT).exists():
         load_path = str(checkpoints / LATEST_CHECKPOINT)
         log(f"[train] resuming {config.name} from {os.path.realpath(load_path)}")
+    trackers = build_trackers(config, run_dir, writer, resume=load_path is not None, log=log)
 
     logging.getLogger("composer").setLevel(logging.WARNING)
     if not os.environ.get("ENGINE_DEBUG"):
@@ -275,7 +279,7 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
         schedulers=build_scheduler(config),
         algorithms=build_algorithms(config, tokenizer.mask_id, tokenizer.eos_id, tokenizer.vocab_size),
         callbacks=[*build_callbacks(config), *extra_callbacks],
-        loggers=[tidy],
+        loggers=[tidy, *trackers],  # the tidy writer first: trackers forward its rows
         run_name=config.name,
         seed=config.seed,
         device=device,
