@@ -12,11 +12,11 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workbench.paths import prepared_dir, results_dir
+from workbench.paths import results_dir
 from workbench.tune.study import make_pruner, make_sampler
 
 if TYPE_CHECKING:
@@ -67,26 +67,11 @@ def _reporter_class() -> type:
     return TrialReporter
 
 
-@contextlib.contextmanager
-def _prepare_lock() -> Iterator[None]:
-    """Concurrent workers on one machine must not prepare the same shards at once."""
-    import fcntl
-
-    lock = prepared_dir() / ".tune-prepare.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def prepare_data(config: RunConfig, log: Callable[[str], None]) -> None:
+    """Concurrent workers share the shards: prepare() locks and publishes each output itself."""
     from datasets_prep.corpus import prepare
 
-    with _prepare_lock():
-        prepare(config.data, log=log)
+    prepare(config.data, log=log)
 
 
 def _quiet(log: Callable[[str], None]) -> Callable[[str], None]:
