@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import polars as pl
 import pytest
@@ -29,7 +30,6 @@ from workbench.config import (
     DiffusionConfig,
     DropoutConfig,
     DualConfig,
-    TimeSamplerConfig,
     TokenMaskingConfig,
     WeightDecayConfig,
 )
@@ -72,12 +72,49 @@ def test_token_masking_replacements():
     assert 0.4 < (random != tokens).float().mean() < 0.6  # a random token rarely equals the original
 
 
+def test_random_replacement_never_draws_eos_the_mask_or_other_special_ids():
+    torch.manual_seed(5)
+    vocab, special = 12, (EOS, 5, 7)
+    tokens = torch.randint(2, vocab, (64, 256))
+    out = apply_token_masking(tokens, torch.ones(64), MASK, vocab, "random", special_ids=special)["inputs"]
+    counts = torch.bincount(out.flatten(), minlength=vocab)
+    assert counts[[EOS, MASK, *special]].sum() == 0
+    allowed = [i for i in range(vocab) if i not in (EOS, MASK, *special)]
+    share = counts[allowed].double() / out.numel()  # uniform over the 8 real tokens
+    assert torch.all((share - 1 / len(allowed)).abs() < 4 * (1 / len(allowed) / out.numel()) ** 0.5 * 2)
+
+
+def test_token_masking_algorithm_excludes_the_tokenizers_special_ids():
+    """The algorithm always excludes EOS and the mask id (EOS was drawn before); with the tokenizer's special ids
+    (BERT: [PAD], [UNK], [CLS], [SEP], [MASK]) none of them is drawn either."""
+    from types import SimpleNamespace
+
+    from workbench.algorithms.token_masking import special_token_ids
+    from workbench.config import TokenizerConfig
+    from workbench.tokenizer import load_tokenizer
+
+    bert = load_tokenizer(TokenizerConfig(kind="bert", path="${data}/tokenizers/bert-base-uncased"))
+    assert special_token_ids(bert) == (0, 100, 101, 102, 103)
+    torch.manual_seed(6)
+    vocab = 8
+    algorithm = TokenMasking(TokenMaskingConfig(rate=1.0, replacement="random"), MASK, EOS, vocab)
+    state = SimpleNamespace(batch={"tokens": torch.randint(2, vocab, (32, 128))})
+    algorithm.apply(Event.AFTER_DATALOADER, state, None)
+    drawn = state.batch["inputs"]
+    assert not torch.isin(drawn, torch.tensor([EOS, MASK])).any()
+    assert set(drawn.unique().tolist()) == set(range(2, vocab))
+    algorithm = TokenMasking(TokenMaskingConfig(rate=1.0, replacement="random"), MASK, EOS, vocab, special_ids=(4,))
+    state = SimpleNamespace(batch={"tokens": torch.randint(2, vocab, (32, 128))})
+    algorithm.apply(Event.AFTER_DATALOADER, state, None)
+    assert set(state.batch["inputs"].unique().tolist()) == {2, 3, 5, 6, 7}
+
+
 def test_masking_rate_modes():
     torch.manual_seed(2)
-    assert torch.all(masking_rates(TokenMaskingConfig(rate=0.2), 5, "cpu") == 0.2)
-    per_sequence = masking_rates(TokenMaskingConfig(max_rate=0.6), 20_000, "cpu")
+    assert torch.all(masking_rates(5, "cpu", rate=0.2) == 0.2)
+    per_sequence = masking_rates(20_000, "cpu", max_rate=0.6)
     assert per_sequence.max() <= 0.6 and per_sequence.mean().item() == pytest.approx(0.3, abs=0.01)
-    bell = masking_rates(TokenMaskingConfig(time_sampler=TimeSamplerConfig(name="beta", a=4, b=4)), 20_000, "cpu")
+    bell = masking_rates(20_000, "cpu", time_sampler="beta", sampler_params={"a": 4, "b": 4})
     assert bell.mean().item() == pytest.approx(0.5, abs=0.01) and bell.std() < per_sequence.std()
 
 
@@ -91,16 +128,16 @@ def test_token_masking_acts_after_the_dataloader_only():
 
 
 def test_apply_dropout_sets_the_documented_sites():
-    net = apply_dropout(tiny_net(), DropoutConfig(mlp=0.1, mlp_site="output", attention=0.2, residual=0.05))
+    net = apply_dropout(tiny_net(), mlp=0.1, mlp_site="output", attention=0.2, residual=0.05)
     assert dropout_rates(net) == {"blocks.0.mlp.output_dropout": 0.1, "blocks.0.attn.attn_dropout": 0.2,
                                   "blocks.0.attn.resid_dropout": 0.05}
-    net = apply_dropout(tiny_net(), DropoutConfig(mlp=0.3))
+    net = apply_dropout(tiny_net(), mlp=0.3)
     assert dropout_rates(net) == {"blocks.0.mlp.hidden_dropout": 0.3}
     assert Dropout(DropoutConfig()).match(Event.INIT, None)
 
 
 def test_attention_dropout_changes_training_outputs_only():
-    net = apply_dropout(tiny_net(), DropoutConfig(attention=0.5))
+    net = apply_dropout(tiny_net(), attention=0.5)
     x = torch.randint(0, VOCAB, (2, 16))
     net.train()
     assert not torch.allclose(net(x), net(x))
@@ -160,21 +197,47 @@ def test_dual_step_interleaving_is_exact(fraction):
 
 
 def test_dual_fraction_schedule():
-    cfg = DualConfig(ar_fraction=1.0, ar_fraction_end=0.0)
-    assert [ar_fraction_at(cfg, p) for p in (0.0, 0.25, 1.0)] == [1.0, 0.75, 0.0]
-    assert ar_fraction_at(DualConfig(ar_fraction=0.3), 0.9) == 0.3
+    assert [ar_fraction_at(p, 1.0, 0.0) for p in (0.0, 0.25, 1.0)] == [1.0, 0.75, 0.0]
+    assert ar_fraction_at(0.9, 0.3) == 0.3
 
 
 def test_dual_sequence_mode_mixes_the_two_losses_by_token_count():
     net = tiny_net()
     tokens = torch.randint(2, VOCAB, (8, 16))
     torch.manual_seed(3)
-    dual = DualObjective(DiffusionConfig(shifted=True), DualConfig(mode="sequences"), MASK)
+    dual = DualObjective(MASK, mode="sequences", shifted=True)
     mixed = dual(net, {"tokens": tokens, "ar_fraction": 0.5})["loss"]
     torch.manual_seed(3)
     ar = ARObjective()(net, {"tokens": tokens[:4]})["loss"]
-    mdm = MDMObjective(DiffusionConfig(shifted=True), MASK)(net, {"tokens": tokens[4:]})["loss"]
+    mdm = MDMObjective(MASK, shifted=True)(net, {"tokens": tokens[4:]})["loss"]
     assert mixed.item() == pytest.approx((ar.item() + mdm.item()) / 2, rel=1e-5)  # equal token counts
+
+
+class CausalRows(torch.nn.Module):
+    """Counts the sequences the AR (causal) path sees; uniform logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.ar_rows = 0
+
+    def forward(self, x, causal=True, attn_mask=None, zero_embed=None):
+        self.ar_rows += x.shape[0] if causal else 0
+        return torch.zeros(*x.shape, VOCAB)
+
+
+@pytest.mark.parametrize(("fraction", "microbatch"), [(0.1, 5), (0.1, 3), (0.25, 6), (0.5, 4)])
+def test_dual_sequence_mode_trains_ar_on_alpha_of_the_sequences_in_expectation(fraction, microbatch):
+    """Rounding alpha * B per microbatch gave 0 AR sequences for alpha 0.1 with B <= 5 and 1/3 for 0.25 with 6."""
+    torch.manual_seed(4)
+    net, steps = CausalRows(), 600
+    dual = DualObjective(MASK, mode="sequences", ar_fraction=0.9, shifted=True)
+    tokens = torch.randint(2, VOCAB, (microbatch, 8))
+    for _ in range(steps):
+        dual(net, {"tokens": tokens, "ar_fraction": fraction})  # the batch's alpha (the schedule) is what counts
+    realised = net.ar_rows / (steps * microbatch)
+    exact = fraction * microbatch
+    spread = ((exact - math.floor(exact)) * (1 - exact + math.floor(exact))) ** 0.5 / microbatch  # per step
+    assert abs(realised - fraction) <= 4 * spread / steps**0.5 + 1e-12, realised
 
 
 def test_dual_algorithm_marks_batches_per_step():
@@ -190,7 +253,7 @@ def test_a_model_has_exactly_one_objective():
     holder = Holder()
     install_objective(holder, MaskedDiffusion(DiffusionConfig(), MASK).objective)
     with pytest.raises(ValueError, match="already claimed"):
-        install_objective(holder, MDMObjective(DiffusionConfig(), MASK))
+        install_objective(holder, MDMObjective(MASK))
 
 
 # all of them in one run --------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def test_ar_run_reports_tasks_and_standalone_eval_reproduces_them(tiny_config, r
     for task in AR_TASKS:
         metrics = set(rows.filter((pl.col("split") == task) & (pl.col("step") == 16))["metric"].to_list())
         expected = {"acc", "stderr", "elbo_stderr", "truncated"} | ({"ppl"} if task == "lambada_openai" else
-                                                                   {"acc_norm"})
+                                                                   {"acc_norm", "acc_bytes"})
         assert metrics == expected, task
     acc = rows.filter(pl.col("metric").is_in(["acc", "acc_norm"]))["value"]
     assert ((acc >= 0) & (acc <= 1)).all() and (rows.filter(pl.col("metric") == "elbo_stderr")["value"] == 0).all()
@@ -57,7 +57,7 @@ def test_ar_run_reports_tasks_and_standalone_eval_reproduces_them(tiny_config, r
     checkpoint = run_dir / "checkpoints" / "latest-rank0.pt"
     assert main(["eval", str(checkpoint), "--tasks", "piqa", "--limit", "6", "--scorer", "ar", "--out", str(out)]) == 0
     piqa = _rows(out, ["piqa"])
-    assert set(piqa["metric"].to_list()) == {"acc", "acc_norm", "stderr", "truncated"}
+    assert set(piqa["metric"].to_list()) == {"acc", "acc_norm", "acc_bytes", "stderr", "truncated"}
     assert main(["eval", str(checkpoint), "--tasks", "copa", "--limit", "4", "--out", str(out)]) == 0
     assert set(_rows(out, ["piqa", "copa"])["split"].to_list()) == {"piqa", "copa"}  # the file accumulates
     capsys.readouterr()
@@ -93,7 +93,7 @@ def test_mdm_run_scores_with_the_elbo_and_samples_by_unmasking(tiny_config, resu
 
     out = tmp_path / "chain.parquet"
     assert main(["eval", str(run_dir), "--tasks", "piqa", "--limit", "4", "--scorer", "chain", "--out", str(out)]) == 0
-    assert set(_rows(out, ["piqa"])["metric"].to_list()) == {"acc", "acc_norm", "stderr", "truncated"}
+    assert set(_rows(out, ["piqa"])["metric"].to_list()) == {"acc", "acc_norm", "acc_bytes", "stderr", "truncated"}
     assert main(["eval", str(run_dir), "--tasks", "copa", "--limit", "2", "--scorer", "ar"]) == 2
     assert "needs a model trained with next-token prediction" in capsys.readouterr().err
 

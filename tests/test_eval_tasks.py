@@ -247,7 +247,7 @@ def test_rows_truncate_the_context_from_the_left_and_count_it(gpt2):
     assert long_enc.truncated and not short_enc.truncated and stats.context_truncated == 1
     assert short_enc.rows[0] == [eos, *gpt2.encode("Hello there"), *gpt2.encode(" friend")]
     assert short_enc.cont_start == [1 + len(gpt2.encode("Hello there"))]
-    assert short_enc.cont_bytes == [len(b"friend")]
+    assert short_enc.cont_bytes == [len(b"friend")] and short_enc.cont_chars == [len("friend")]
     fit = TaskItem(2, ["Hello there"], ["friend"], 0)  # exactly seq_len + 1 with EOS: only the EOS marker goes
     (fit_enc,), fit_stats = encode_items([fit], gpt2, seq_len=len(short_enc.rows[0]) - 1)
     assert fit_enc.rows[0] == short_enc.rows[0][1:] and not fit_enc.truncated and fit_stats.context_truncated == 0
@@ -256,6 +256,14 @@ def test_rows_truncate_the_context_from_the_left_and_count_it(gpt2):
     assert huge_enc.rows[0] == [*gpt2.encode("ctx"), *gpt2.encode(" " + "word " * 40)[:7]]  # EOS gives way
     assert huge_enc.cont_start == [1] and huge_enc.truncated
     assert huge_stats.continuation_truncated == 1 and huge_stats.context_truncated == 0
+
+
+def test_continuation_lengths_count_characters_and_bytes_separately(gpt2):
+    """acc_norm divides by characters (lm-evaluation-harness), acc_bytes by UTF-8 bytes: they differ on non-ASCII
+    text. The joining space is not counted (the harness's len(choice))."""
+    item = TaskItem(0, ["The dish is a", "The dish is a"], ["crème brûlée", "cake"], 0)
+    (encoded,), _ = encode_items([item], gpt2, seq_len=64)
+    assert encoded.cont_chars == [12, 4] and encoded.cont_bytes == [15, 4]
 
 
 def test_prepare_task_reports_truncation(gpt2):
@@ -270,8 +278,9 @@ def test_prepare_task_reports_truncation(gpt2):
 
 
 def test_collate_pads_item_major_and_splits_along_items():
-    items = [EncodedItem(7, [[0, 5, 6], [0, 5, 7, 8]], [2, 2], [3, 5], 1, False),
-             EncodedItem(9, [[0, 4], [0, 4], [0, 3, 3, 3, 3], [0, 9]], [1, 1, 1, 1], [1, 1, 0, 2], 2, True)]
+    items = [EncodedItem(7, [[0, 5, 6], [0, 5, 7, 8]], [2, 2], [3, 5], [3, 4], 1, False),
+             EncodedItem(9, [[0, 4], [0, 4], [0, 3, 3, 3, 3], [0, 9]], [1, 1, 1, 1], [1, 1, 0, 2], [1, 1, 0, 2], 2,
+                         True)]
     options = BatchOptions(task="piqa", schema=MULTIPLE_CHOICE, scorer="chain", samples=3)
     batch = collate_items(items, options, pad_id=99)
     assert batch["tokens"].shape == (2, 4, 5)
@@ -279,6 +288,7 @@ def test_collate_pads_item_major_and_splits_along_items():
     assert batch["length"].tolist() == [[3, 4, 0, 0], [2, 2, 5, 2]]
     assert batch["choice_valid"].tolist() == [[True, True, False, False], [True] * 4]
     assert batch["cont_start"][1].tolist() == [1, 1, 1, 1] and batch["cont_bytes"][1, 2] == 1  # bytes >= 1
+    assert batch["cont_chars"][0].tolist() == [3, 4, 1, 1] and batch["cont_chars"][1, 2] == 1
     assert batch["gold"].tolist() == [1, 2] and batch["item"].tolist() == [7, 9]
     assert batch["truncated"].tolist() == [False, True]
     assert batch["task"] == "piqa" and batch["scorer"] == "chain" and batch["samples"] == 3
@@ -305,7 +315,8 @@ def test_task_metrics_compute_from_device_sums():
 
 def test_metric_names_and_anchored_filters():
     assert task_metric_names(LANGUAGE_MODELING, "ar") == ["acc", "stderr", "ppl", "truncated"]
-    assert task_metric_names(SCHEMA, "auto") == ["acc", "acc_norm", "stderr", "elbo_stderr", "truncated"]
+    assert task_metric_names(SCHEMA, "auto") == ["acc", "acc_norm", "acc_bytes", "stderr", "elbo_stderr",
+                                                 "truncated"]
     from composer.trainer.trainer import _filter_metrics
 
     metrics = {name: TaskMetric(name) for name in TaskMetric.KINDS}
@@ -324,7 +335,7 @@ def test_task_evaluators_one_per_task_and_scorer_checks(gpt2, tiny_config):
     evaluators = build_task_evaluators(mdm, gpt2, cfg, "1ep", 64, log=lines.append, objective="mdm")
     assert [e.label for e in evaluators] == ["copa", "lambada_openai"]
     assert evaluators[1].metric_names == ["^acc$", "^stderr$", "^ppl$", "^elbo_stderr$", "^truncated$"]
-    assert set(mdm.extra_metrics) == {"acc", "acc_norm", "stderr", "ppl", "elbo_stderr", "truncated"}
+    assert set(mdm.extra_metrics) == {"acc", "acc_norm", "acc_bytes", "stderr", "ppl", "elbo_stderr", "truncated"}
     assert lines[0].startswith("[eval] copa: 4 of 100 items (seed 1234)")
     with pytest.raises(ConfigError, match=r"eval\.downstream\.scorer: the ar scorer needs a next-token"):
         build_task_evaluators(mdm, gpt2, DownstreamConfig(tasks=["copa"], scorer="ar"), "1ep", 64, objective="mdm")

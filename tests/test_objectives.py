@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
 from scipy import stats
 
-from workbench.config import DiffusionConfig, TimeSamplerConfig
 from workbench.diffusion import (
     hash_uniform,
     mask_positions,
@@ -21,13 +21,29 @@ from workbench.diffusion import (
 )
 from workbench.objectives import ar_loss, prefix_lm_mask
 
+
+@dataclass(frozen=True)
+class Sampler:
+    """A time sampler as the functional forms take it: a name and its parameters."""
+
+    name: str
+    a: float = 2.0
+    b: float = 2.0
+    mu: float = 0.0
+    sigma: float = 1.0
+
+    @property
+    def params(self) -> dict[str, float]:
+        return {"a": self.a, "b": self.b, "mu": self.mu, "sigma": self.sigma}
+
+
 SAMPLERS = [
-    TimeSamplerConfig(name="uniform"),
-    TimeSamplerConfig(name="antithetic"),
-    TimeSamplerConfig(name="stratified"),
-    TimeSamplerConfig(name="beta", a=2.0, b=3.0),
-    TimeSamplerConfig(name="logit_normal", mu=0.3, sigma=0.8),
-    TimeSamplerConfig(name="truncated_normal", mu=0.5, sigma=0.2),
+    Sampler(name="uniform"),
+    Sampler(name="antithetic"),
+    Sampler(name="stratified"),
+    Sampler(name="beta", a=2.0, b=3.0),
+    Sampler(name="logit_normal", mu=0.3, sigma=0.8),
+    Sampler(name="truncated_normal", mu=0.5, sigma=0.2),
 ]
 
 
@@ -63,9 +79,9 @@ class CopyVisible(torch.nn.Module):
 
 def copy_visible_elbo(k: int, q: float, length: int, eps: float) -> float:
     """Closed form of the MDLM NELBO per token for CopyVisible on constant sequences:
-    f(t) = (1 - t^(L-1)) (-log q) + t^(L-1) log K, integrated over t in [eps, 1]."""
+    f(t) = (1 - t^(L-1)) (-log q) + t^(L-1) log K, averaged over t ~ U(eps, 1) (MDLM's convention)."""
     a, b = -math.log(q), math.log(k)
-    return (1 - eps) * a + (b - a) * (1 - eps**length) / length
+    return ((1 - eps) * a + (b - a) * (1 - eps**length) / length) / (1 - eps)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,9 +132,9 @@ def test_time_samplers_follow_their_distribution(sampler):
     torch.manual_seed(1)
     eps = 1e-3
     if sampler.name in ("antithetic", "stratified"):
-        t = torch.cat([sample_times(sampler, 64, eps)[0] for _ in range(200)])
+        t = torch.cat([sample_times(sampler.name, 64, eps, params=sampler.params)[0] for _ in range(200)])
     else:
-        t = sample_times(sampler, 12_800, eps)[0]
+        t = sample_times(sampler.name, 12_800, eps, params=sampler.params)[0]
     s = ((t - eps) / (1 - eps)).double().numpy()
     cdfs = {
         "beta": stats.beta(sampler.a, sampler.b).cdf,
@@ -133,16 +149,16 @@ def test_time_samplers_follow_their_distribution(sampler):
 def test_time_density_integrates_to_one_and_matches_samples(sampler):
     eps = 1e-3
     grid = torch.linspace(eps, 1, 200_001, dtype=torch.float64)[1:-1]
-    density = time_density(sampler, grid.float(), eps).double()
+    density = time_density(sampler.name, grid.float(), eps, sampler.params).double()
     assert torch.trapezoid(density, grid).item() == pytest.approx(1.0, abs=2e-3)
-    t, pi = sample_times(sampler, 16, eps)
-    assert torch.allclose(pi, time_density(sampler, t, eps), rtol=1e-4)
+    t, pi = sample_times(sampler.name, 16, eps, params=sampler.params)
+    assert torch.allclose(pi, time_density(sampler.name, t, eps, sampler.params), rtol=1e-4)
 
 
 def test_antithetic_and_stratified_cover_every_stratum():
     torch.manual_seed(2)
     for name in ("antithetic", "stratified"):
-        t = sample_times(TimeSamplerConfig(name=name), 8, 0.0)[0]
+        t = sample_times(name, 8, 0.0)[0]
         assert sorted((t * 8).floor().long().tolist()) == list(range(8))
 
 
@@ -151,9 +167,8 @@ def test_mdm_loss_uses_one_over_t_weight_on_masked_tokens():
     net = FixedLogits(torch.log(probs.clamp(min=1e-30)))
     tokens = torch.tensor([[0, 1, 2, 0, 1, 2, 0, 1]])
     torch.manual_seed(3)
-    cfg = DiffusionConfig(shifted=False)
     t = torch.tensor([0.5])
-    out = mdm_loss(net, tokens, cfg, mask_id=3, t=t)
+    out = mdm_loss(net, tokens, 3, shifted=False, t=t)
     torch.manual_seed(3)
     mask, _ = mask_positions(t, torch.ones_like(tokens, dtype=torch.bool), "bernoulli")
     nll = -torch.log(probs[tokens])
@@ -168,14 +183,14 @@ def test_mdm_loss_of_exact_context_free_model_is_the_entropy():
     net = FixedLogits(torch.cat([p.log(), torch.zeros(1)]))
     entropy = -(p * p.log()).sum().item()
     tokens = torch.multinomial(p, 4000 * 32, replacement=True).view(4000, 32)
-    loss = mdm_loss(net, tokens, DiffusionConfig(shifted=False), mask_id=4)["loss"].item()
-    assert loss == pytest.approx(entropy * (1 - 1e-3), rel=0.03)
+    loss = mdm_loss(net, tokens, 4, shifted=False)["loss"].item()
+    assert loss == pytest.approx(entropy, rel=0.03)
 
 
 # Samplers whose importance weights 1/pi(t) have finite variance (int 1/pi dt < inf); for Beta(a >= 2 or b >= 2)
 # and the logit-normal the estimator is still unbiased but heavy-tailed (the config warns about it).
-FINITE_VARIANCE = [*SAMPLERS[:3], TimeSamplerConfig(name="beta", a=1.5, b=1.5),
-                   TimeSamplerConfig(name="truncated_normal", mu=0.5, sigma=0.3)]
+FINITE_VARIANCE = [*SAMPLERS[:3], Sampler(name="beta", a=1.5, b=1.5),
+                   Sampler(name="truncated_normal", mu=0.5, sigma=0.3)]
 
 
 @pytest.mark.parametrize("sampler", FINITE_VARIANCE, ids=lambda s: f"{s.name}-{s.a}-{s.sigma}")
@@ -185,8 +200,9 @@ def test_elbo_weighting_keeps_the_expected_loss_unchanged_across_samplers(sample
     torch.manual_seed(5)
     net = CopyVisible(k, q)
     tokens = torch.randint(0, k, (20_000, 1)).expand(-1, length).contiguous()
-    cfg = DiffusionConfig(time_sampler=sampler, eps=eps, masking=masking, weighting="elbo", shifted=False)
-    losses = torch.stack([mdm_loss(net, tokens[i::4], cfg, mask_id=k)["loss"] for i in range(4)])
+    cfg = {"time_sampler": sampler.name, "sampler_params": sampler.params, "eps": eps, "masking": masking,
+           "weighting": "elbo", "shifted": False}
+    losses = torch.stack([mdm_loss(net, tokens[i::4], k, **cfg)["loss"] for i in range(4)])
     if masking == "bernoulli":
         expected = copy_visible_elbo(k, q, length, eps)
     else:  # k ~ U{1..n}: (n-1)/n of the time some token stays visible
@@ -199,9 +215,9 @@ def test_sampled_weighting_differs_from_the_elbo_under_a_bell_shaped_sampler():
     torch.manual_seed(6)
     net = CopyVisible(k, q)
     tokens = torch.randint(0, k, (20_000, 1)).expand(-1, length).contiguous()
-    sampler = TimeSamplerConfig(name="beta", a=5.0, b=1.0)  # mass near t=1, where the loss is high
-    cfg = DiffusionConfig(time_sampler=sampler, eps=eps, weighting="sampled", shifted=False)
-    loss = mdm_loss(net, tokens, cfg, mask_id=k)["loss"].item()
+    sampler = Sampler(name="beta", a=5.0, b=1.0)  # mass near t=1, where the loss is high
+    loss = mdm_loss(net, tokens, k, time_sampler=sampler.name, sampler_params=sampler.params, eps=eps,
+                    weighting="sampled", shifted=False)["loss"].item()
     assert loss > 1.2 * copy_visible_elbo(k, q, length, eps)
 
 
@@ -260,3 +276,73 @@ def test_low_precision_cross_entropy_matches_fp32_values_and_gradients(dtype, mo
     assert low.grad.dtype == dtype
     torch.testing.assert_close(low.grad.float(), reference.grad.to(dtype).float(), rtol=0, atol=1e-2)
     assert torch.all(low.grad[..., 4] == 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 11, section 2: exact-count masking's times, z-loss under SUBS, hashed uniforms, Beta generator
+
+
+class CountMasks(torch.nn.Module):
+    """Records how many positions of each row are masked; predicts uniformly."""
+
+    def __init__(self, vocab: int, mask_id: int):
+        super().__init__()
+        self.vocab, self.mask_id, self.counts = vocab, mask_id, []
+
+    def forward(self, input_ids, causal=False, attn_mask=None, zero_embed=None):
+        self.counts.append((input_ids == self.mask_id).sum(dim=1))
+        return torch.zeros(*input_ids.shape, self.vocab)
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "stratified"])
+def test_exact_masking_draws_every_count_uniformly_whatever_eps(sampler):
+    """k = ceil(n t) with t on (0, 1): uniform on {1..n}. With t on [eps, 1] and n * eps >= 1 (here 8 * 0.2), k = 1
+    was never drawn."""
+    torch.manual_seed(8)
+    n, draws = 8, 80_000
+    net = CountMasks(vocab=4, mask_id=3)
+    mdm_loss(net, torch.zeros(draws, n, dtype=torch.long), 3, time_sampler=sampler, eps=0.2, masking="exact",
+             shifted=False)
+    frequencies = torch.bincount(net.counts[0], minlength=n + 1).double() / draws
+    assert frequencies[0] == 0
+    sigma = math.sqrt((1 / n) * (1 - 1 / n) / draws)
+    assert torch.all((frequencies[1:] - 1 / n).abs() < 4 * sigma), frequencies
+
+
+def test_mdm_z_loss_normalises_over_the_real_vocabulary_when_the_mask_id_is_not_last():
+    """The trained BPE tokenizer's mask id is 1: the z-loss is logsumexp over every id but the mask, squared (the
+    SUBS -inf drops out), not over the ids below the mask id."""
+    from workbench.objectives import MDMObjective
+
+    mask_id = 1
+    logits = torch.tensor([0.5, 3.0, 2.0, -1.0, 1.5, 0.0])
+    net = FixedLogits(logits)
+    tokens = torch.tensor([[0, 2, 3, 4, 5, 0, 2, 3]] * 4)
+    torch.manual_seed(9)
+    plain = MDMObjective(mask_id, shifted=False)(net, {"tokens": tokens})["loss"]
+    torch.manual_seed(9)
+    with_z = MDMObjective(mask_id, z_loss=0.5, shifted=False)(net, {"tokens": tokens})["loss"]
+    real = torch.cat([logits[:mask_id], logits[mask_id + 1:]])
+    expected = torch.logsumexp(real, dim=0).item() ** 2
+    assert (with_z - plain).item() == pytest.approx(0.5 * expected, rel=1e-5)
+    assert expected > 2 * logits[0].item() ** 2  # the slice [:mask_id] (EOS's logit alone) is far off
+
+
+def test_hashed_uniforms_never_reach_one():
+    """Key 3130929609 hashes to the largest 32-bit state, 2^32 - 1, which float32 rounded to exactly 1.0."""
+    key = 3130929609
+    value = hash_uniform(key)
+    assert 0.0 <= value.item() < 1.0
+    assert value.item() == pytest.approx(1.0, abs=1e-7)  # the clamp keeps it the nearest value below 1
+    others = hash_uniform(torch.arange(key - 1000, key + 1000))
+    assert others.max().item() < 1.0 and others.min().item() >= 0.0
+
+
+def test_every_time_sampler_honours_its_generator():
+    for sampler in SAMPLERS:
+        draws = [sample_times(sampler.name, 16, 1e-3, generator=torch.Generator().manual_seed(5),
+                              params=sampler.params)[0] for _ in range(2)]
+        torch.manual_seed(0)  # the global stream must play no part
+        again = sample_times(sampler.name, 16, 1e-3, generator=torch.Generator().manual_seed(5),
+                             params=sampler.params)[0]
+        assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], again), sampler.name

@@ -539,3 +539,24 @@ def test_generative_perplexity_of_a_context_free_model(small_tokenizer):
     logp = w.double().log_softmax(dim=0)
     assert count == len(ids) and nll == pytest.approx(-sum(float(logp[i]) for i in ids), rel=1e-5)
     assert ppl == pytest.approx(math.exp(nll / count), rel=1e-9)
+
+
+def test_acc_norm_divides_by_characters_as_the_harness_and_acc_bytes_by_bytes():
+    """lm-evaluation-harness's acc_norm: argmax of loglik / len(choice) in characters. Choice 0 is "éé" (2
+    characters, 4 UTF-8 bytes, loglik -3.0), choice 1 "ab" (2 and 2, loglik -2.4): per character choice 1 wins
+    (-1.2 > -1.5), per byte choice 0 (-0.75 > -1.2)."""
+    from workbench.evaluation.tasks import MULTIPLE_CHOICE, BatchOptions, EncodedItem, collate_items
+
+    logp = torch.full((WIDTH,), -30.0)
+    logp[2], logp[3] = -1.5, -1.2
+    logp[4] = math.log1p(-math.exp(-1.5) - math.exp(-1.2))  # the rest of the mass: logp is normalised
+    choices = ["éé", "ab"]
+    item = EncodedItem(0, [[EOS, 2, 2], [EOS, 3, 3]], [1, 1], [len(c.encode("utf-8")) for c in choices],
+                       [len(c) for c in choices], gold=1, truncated=False)
+    assert item.cont_bytes == [4, 2] and item.cont_chars == [2, 2]
+    batch = collate_items([item], BatchOptions("piqa", MULTIPLE_CHOICE, scorer="ar"), pad_id=PAD)
+    model = ToyLM(ContextFree(logp), "ar", True, VOCAB, MASK)
+    out = score_batch(model, batch)
+    values = {key: (num / den).item() for key, (num, den) in out.items()}
+    assert values["acc"] == 1.0  # raw loglik: -2.4 > -3.0
+    assert values["acc_norm"] == 1.0 and values["acc_bytes"] == 0.0

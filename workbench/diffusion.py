@@ -2,80 +2,103 @@
 
 The objective is MDLM's continuous-time NELBO with the linear schedule alpha_t = 1 - t (Sahoo et al. 2024,
 eq. 10): -log p(x) <= E_{t~U(0,1)} E_{x_t~q(.|x, t)} [ (1/t) * sum_{i: x_t^i = MASK} -log p_theta(x^i | x_t) ].
+
+Convention (MDLM's, used by training, validation and MC-ELBO scoring): NELBO = E_{t~U(eps,1)}[(1/t) sum_masked -log p],
+i.e. the integral over [eps, 1] divided by (1 - eps); exact-count masking uses eps = 0 (t on (0, 1)).
+
 Exact-count masking (k = ceil(n t) of n positions) gives the discrete any-order form with weight n/k
-(Ou et al. 2024, RADD eq. 7; Nie et al. 2024, SMDM). A non-uniform time density pi(t) is importance-corrected
-(``elbo`` weighting, weight / pi(t)) so the loss stays an unbiased NELBO estimate, or used as-is (``sampled``).
+(Ou et al. 2024, RADD eq. 7; Nie et al. 2024, SMDM); k >= 1 already bounds the weight, so it needs no eps and
+k is uniform on {1..n} under uniform t. A non-uniform time density pi(t) is importance-corrected (``elbo``
+weighting: weight * u(t) / pi(t), u the uniform density on [eps, 1]) so the loss stays an unbiased estimate of
+the same NELBO, or used as-is (``sampled``: weight 1/t or n/k at t ~ pi, equal to ``elbo`` for uniform samplers).
+The functional forms take plain arguments (sampler name and parameters, rates, ids), not config dataclasses.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
-from workbench.config import DiffusionConfig, TimeSamplerConfig
+SAMPLERS = ("uniform", "antithetic", "stratified", "beta", "logit_normal", "truncated_normal")
+SAMPLER_DEFAULTS: dict[str, float] = {"a": 2.0, "b": 2.0, "mu": 0.0, "sigma": 1.0}  # Beta a, b; normal mu, sigma
 
 # --------------------------------------------------------------------------------------------------------------
-# time samplers: each returns t in [eps, 1] per sequence and the density pi(t) it was drawn from
+# time samplers: each returns t in [eps, 1] per sequence and the density pi(t) it was drawn from. A sampler is a
+# name (SAMPLERS) and its parameters (a, b for beta; mu, sigma for logit_normal and truncated_normal).
 
 
-def _base_density(sampler: TimeSamplerConfig, s: torch.Tensor) -> torch.Tensor:
+def _params(params: Mapping[str, float] | None) -> dict[str, float]:
+    merged = {**SAMPLER_DEFAULTS, **(params or {})}
+    unknown = set(merged) - set(SAMPLER_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown time sampler parameter(s) {sorted(unknown)}; allowed: a, b, mu, sigma")
+    return merged
+
+
+def _base_density(name: str, s: torch.Tensor, p: dict[str, float]) -> torch.Tensor:
     """Density on (0, 1) of the sampler's base variable s (before the affine map to [eps, 1])."""
-    if sampler.name in ("uniform", "antithetic", "stratified"):
+    if name in ("uniform", "antithetic", "stratified"):
         return torch.ones_like(s)
-    if sampler.name == "beta":
-        a, b = sampler.a, sampler.b
+    if name == "beta":
+        a, b = p["a"], p["b"]
         log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
         return torch.exp((a - 1) * torch.log(s) + (b - 1) * torch.log1p(-s) - log_beta)
-    if sampler.name == "logit_normal":  # s = sigmoid(mu + sigma z): N(logit s; mu, sigma) / (s (1 - s))
-        z = (torch.logit(s) - sampler.mu) / sampler.sigma
-        return torch.exp(-0.5 * z**2) / (sampler.sigma * math.sqrt(2 * math.pi) * s * (1 - s))
-    if sampler.name == "truncated_normal":  # N(mu, sigma) restricted to [0, 1] and renormalised
-        mass = _ndtr((1 - sampler.mu) / sampler.sigma) - _ndtr(-sampler.mu / sampler.sigma)
-        z = (s - sampler.mu) / sampler.sigma
-        return torch.exp(-0.5 * z**2) / (sampler.sigma * math.sqrt(2 * math.pi) * mass)
-    raise ValueError(f"unknown time sampler {sampler.name!r}")
+    mu, sigma = p["mu"], p["sigma"]
+    if name == "logit_normal":  # s = sigmoid(mu + sigma z): N(logit s; mu, sigma) / (s (1 - s))
+        z = (torch.logit(s) - mu) / sigma
+        return torch.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi) * s * (1 - s))
+    if name == "truncated_normal":  # N(mu, sigma) restricted to [0, 1] and renormalised
+        mass = _ndtr((1 - mu) / sigma) - _ndtr(-mu / sigma)
+        z = (s - mu) / sigma
+        return torch.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi) * mass)
+    raise ValueError(f"unknown time sampler {name!r}; allowed: {', '.join(SAMPLERS)}")
 
 
 def _ndtr(x: float) -> float:
     return 0.5 * (1 + math.erf(x / math.sqrt(2)))
 
 
-def _sample_base(sampler: TimeSamplerConfig, n: int, device, generator=None) -> torch.Tensor:
+def _sample_base(name: str, n: int, device, generator: torch.Generator | None, p: dict[str, float]
+                 ) -> torch.Tensor:
     def rand(*shape):
         return torch.rand(*shape, device=device, generator=generator)
 
-    if sampler.name == "uniform":
+    if name == "uniform":
         return rand(n)
-    if sampler.name == "antithetic":  # MDLM's low-discrepancy sampler: evenly spaced with one random offset
+    if name == "antithetic":  # MDLM's low-discrepancy sampler: evenly spaced with one random offset
         return (rand(1) + torch.arange(n, device=device) / n) % 1.0
-    if sampler.name == "stratified":
+    if name == "stratified":
         return (torch.arange(n, device=device) + rand(n)) / n
-    if sampler.name == "beta":
-        gamma_a = torch._standard_gamma(torch.full((n,), float(sampler.a), device=device))
-        gamma_b = torch._standard_gamma(torch.full((n,), float(sampler.b), device=device))
+    if name == "beta":
+        gamma_a = torch._standard_gamma(torch.full((n,), float(p["a"]), device=device), generator=generator)
+        gamma_b = torch._standard_gamma(torch.full((n,), float(p["b"]), device=device), generator=generator)
         return gamma_a / (gamma_a + gamma_b)
-    if sampler.name == "logit_normal":
-        return torch.sigmoid(sampler.mu + sampler.sigma * torch.randn(n, device=device, generator=generator))
-    if sampler.name == "truncated_normal":  # inverse CDF on the truncated interval
-        lo, hi = _ndtr(-sampler.mu / sampler.sigma), _ndtr((1 - sampler.mu) / sampler.sigma)
-        return sampler.mu + sampler.sigma * torch.special.ndtri(lo + (hi - lo) * rand(n))
-    raise ValueError(f"unknown time sampler {sampler.name!r}")
+    mu, sigma = p["mu"], p["sigma"]
+    if name == "logit_normal":
+        return torch.sigmoid(mu + sigma * torch.randn(n, device=device, generator=generator))
+    if name == "truncated_normal":  # inverse CDF on the truncated interval
+        lo, hi = _ndtr(-mu / sigma), _ndtr((1 - mu) / sigma)
+        return mu + sigma * torch.special.ndtri(lo + (hi - lo) * rand(n))
+    raise ValueError(f"unknown time sampler {name!r}; allowed: {', '.join(SAMPLERS)}")
 
 
-def sample_times(sampler: TimeSamplerConfig, n: int, eps: float, device="cpu",
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_times(sampler: str, n: int, eps: float, device="cpu", generator: torch.Generator | None = None,
+                 params: Mapping[str, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw n diffusion times t = eps + (1 - eps) s, s ~ sampler, and their density pi(t) on [eps, 1]."""
+    p = _params(params)
     tiny = torch.finfo(torch.float32).eps
-    s = _sample_base(sampler, n, device, generator).clamp(tiny, 1 - tiny)
+    s = _sample_base(sampler, n, device, generator, p).clamp(tiny, 1 - tiny)
     t = eps + (1 - eps) * s
-    return t, _base_density(sampler, s) / (1 - eps)
+    return t, _base_density(sampler, s, p) / (1 - eps)
 
 
-def time_density(sampler: TimeSamplerConfig, t: torch.Tensor, eps: float) -> torch.Tensor:
+def time_density(sampler: str, t: torch.Tensor, eps: float, params: Mapping[str, float] | None = None
+                 ) -> torch.Tensor:
     """pi(t) of :func:`sample_times` evaluated at given t in (eps, 1)."""
-    return _base_density(sampler, (t - eps) / (1 - eps)) / (1 - eps)
+    return _base_density(sampler, (t - eps) / (1 - eps), _params(params)) / (1 - eps)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -175,24 +198,34 @@ def masked_predictions(net, x_t: torch.Tensor, mask: torch.Tensor, tokens: torch
     return token_nll(logits, targets), loss_mask, logits
 
 
-def mdm_loss(net, tokens: torch.Tensor, cfg: DiffusionConfig, mask_id: int,
+def mdm_loss(net, tokens: torch.Tensor, mask_id: int, *, time_sampler: str = "uniform",
+             sampler_params: Mapping[str, float] | None = None, eps: float = 1e-3, weighting: str = "elbo",
+             masking: str = "bernoulli", subs: bool = True, shifted: bool = False,
              t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """MDLM training loss, in nats per predicted token (an unbiased NELBO estimate with ``elbo`` weighting):
+    """MDLM training loss, in nats per predicted token (an unbiased estimate of the NELBO of the module
+    docstring with ``elbo`` weighting, for every time sampler):
 
         loss = sum_b w_b * sum_{i masked in b} -log p(x_b^i | x_t,b)  /  sum_b n_b
-        w_b  = 1/t_b (bernoulli) or n_b/k_b (exact), divided by pi(t_b) under ``elbo`` weighting.
-    """
+        w_b  = 1/t_b (bernoulli) or n_b/k_b (exact), times u(t_b)/pi(t_b) under ``elbo`` weighting, where
+               u = 1/(1 - eps) is the uniform density on [eps, 1] and pi the sampler's density there.
+
+    Bernoulli masking draws t on [eps, 1]; exact-count masking on (0, 1) (eps = 0: k is uniform on {1..n} under
+    the uniform sampler, never bounded away from 1). A given ``t`` is used as-is with weight 1/t or n/k."""
+    if weighting not in ("elbo", "sampled"):
+        raise ValueError(f"unknown weighting {weighting!r}; allowed: elbo, sampled")
     batch = tokens.shape[0]
-    pi_t = None
+    importance = None
     if t is None:
-        t, pi_t = sample_times(cfg.time_sampler, batch, cfg.eps, tokens.device)
-    maskable = maskable_positions(tokens, bool(cfg.shifted))
-    mask, elbo_weight = mask_positions(t, maskable, cfg.masking)
+        t_min = eps if masking == "bernoulli" else 0.0
+        t, pi_t = sample_times(time_sampler, batch, t_min, tokens.device, params=sampler_params)
+        if weighting == "elbo":  # E_{t~pi}[f(t) u(t)/pi(t)] = E_{t~U(t_min, 1)}[f(t)]
+            importance = 1.0 / ((1 - t_min) * pi_t)
+    maskable = maskable_positions(tokens, shifted)
+    mask, weight = mask_positions(t, maskable, masking)
     x_t = tokens.masked_fill(mask, mask_id)
-    nll, loss_mask, logits = masked_predictions(net, x_t, mask, tokens, mask_id, bool(cfg.shifted), cfg.subs)
-    weight = elbo_weight
-    if cfg.weighting == "elbo" and pi_t is not None:
-        weight = weight / pi_t  # importance correction: E_{t~pi}[f(t)/pi(t)] = integral of f over [eps, 1]
+    nll, loss_mask, logits = masked_predictions(net, x_t, mask, tokens, mask_id, shifted, subs)
+    if importance is not None:
+        weight = weight * importance
     per_sequence = (nll * loss_mask).sum(dim=1)
     loss = (weight * per_sequence).sum() / maskable.sum()
     return {"loss": loss, "logits": logits, "loss_mask": loss_mask, "mask_rate": mask.float().mean()}
@@ -200,6 +233,9 @@ def mdm_loss(net, tokens: torch.Tensor, cfg: DiffusionConfig, mask_id: int,
 
 # --------------------------------------------------------------------------------------------------------------
 # a fixed estimator for validation: identical masks for every run, batch size and order
+
+
+_BELOW_ONE = 1.0 - 2.0**-24  # the largest float32 below 1
 
 
 def hash_uniform(*keys: torch.Tensor | int) -> torch.Tensor:
@@ -216,7 +252,9 @@ def hash_uniform(*keys: torch.Tensor | int) -> torch.Tensor:
         value = mix((key_t + 0x9E3779B9 * (i + 1)) & 0xFFFFFFFF)
         state = value if state is None else mix(state ^ value)
     assert state is not None
-    return state.to(torch.float64).div(2**32).float()
+    # state / 2^32 < 1 in float64, but float32 rounds the top 128 states to 1.0: keep those just below 1 (every
+    # other value is unchanged, so item subsets and validation masks stay what they were)
+    return state.to(torch.float64).div(2**32).float().clamp(max=_BELOW_ONE)
 
 
 @torch.no_grad()

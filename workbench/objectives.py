@@ -9,14 +9,20 @@ uses, dual step mode) and ``ar_fraction`` (dual sequence mode).
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
-from workbench.config import DiffusionConfig, DualConfig, PrefixLMConfig
 from workbench.diffusion import mdm_loss, token_nll
 
 
 def z_loss_term(logits: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """PaLM z-loss: mean over scored positions of logsumexp(logits)^2 (keeps the softmax normaliser near 1)."""
+    """PaLM z-loss: mean over scored positions of logsumexp(logits)^2 (keeps the softmax normaliser near 1).
+
+    The normaliser is the cross-entropy's: over every logit the loss normalises over, so a SUBS mask logit set to
+    -inf contributes nothing, whatever the mask id (slicing the vocabulary at the mask id is only right when the
+    mask id is the last id)."""
     lse = torch.logsumexp(logits.float(), dim=-1)
     return (lse.square() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
 
@@ -49,18 +55,20 @@ class ARObjective:
 
 
 class MDMObjective:
+    """The masked-diffusion loss (:func:`workbench.diffusion.mdm_loss`, whose keyword arguments ``diffusion``
+    holds: time_sampler, sampler_params, eps, weighting, masking, subs, shifted) plus an optional z-loss."""
+
     name = "mdm"
 
-    def __init__(self, cfg: DiffusionConfig, mask_id: int, z_loss: float = 0.0):
-        self.cfg, self.mask_id, self.z_loss = cfg, mask_id, z_loss
+    def __init__(self, mask_id: int, z_loss: float = 0.0, **diffusion: Any):
+        self.mask_id, self.z_loss = mask_id, z_loss
+        self.diffusion = diffusion
+        self.shifted = bool(diffusion.get("shifted", False))
 
     def __call__(self, net, batch: dict) -> dict[str, torch.Tensor]:
-        out = mdm_loss(net, batch["tokens"], self.cfg, self.mask_id)
-        if self.z_loss:
-            logits = out["logits"]
-            if self.cfg.subs:  # the -inf mask logit is excluded from the normaliser penalty
-                logits = logits[..., : self.mask_id]
-            out["loss"] = out["loss"] + self.z_loss * z_loss_term(logits, out["loss_mask"].float())
+        out = mdm_loss(net, batch["tokens"], self.mask_id, **self.diffusion)
+        if self.z_loss:  # SUBS already set the mask logit to -inf: it drops out of the normaliser, whatever its id
+            out["loss"] = out["loss"] + self.z_loss * z_loss_term(out["logits"], out["loss_mask"].float())
         return out
 
 
@@ -69,36 +77,55 @@ class DualObjective:
     sequences, the diffusion objective with bidirectional attention on the rest.
 
     Step mode: the DualObjective algorithm marks each batch ``objective: ar|mdm``. Sequence mode: the first
-    round(ar_fraction * B) sequences of the (already shuffled) batch are AR; the loss is the token-weighted
-    mixture  (w_ar * sum AR nll + w_mdm * sum weighted MDM nll) / (number of predicted tokens)."""
+    n_ar sequences of the (already shuffled) microbatch are AR, n_ar = alpha * B stochastically rounded (floor,
+    plus one with probability frac(alpha * B)), so the realised AR fraction is alpha in expectation for any
+    microbatch size; the loss is the token-weighted mixture
+    (w_ar * sum AR nll + w_mdm * sum weighted MDM nll) / (number of predicted tokens)."""
 
     name = "dual"
 
-    def __init__(self, diffusion: DiffusionConfig, dual: DualConfig, mask_id: int, z_loss: float = 0.0):
+    def __init__(self, mask_id: int, z_loss: float = 0.0, *, mode: str = "steps", ar_fraction: float = 0.5,
+                 ar_weight: float = 1.0, mdm_weight: float = 1.0, **diffusion: Any):
+        if mode not in ("steps", "sequences"):
+            raise ValueError(f"unknown dual mode {mode!r}; allowed: steps, sequences")
         self.ar = ARObjective(z_loss)
-        self.mdm = MDMObjective(diffusion, mask_id, z_loss)
-        self.dual = dual
+        self.mdm = MDMObjective(mask_id, z_loss, **diffusion)
+        self.mode, self.ar_fraction = mode, ar_fraction
+        self.ar_weight, self.mdm_weight = ar_weight, mdm_weight
 
     def __call__(self, net, batch: dict) -> dict[str, torch.Tensor]:
-        if self.dual.mode == "steps":
+        if self.mode == "steps":
             which = batch.get("objective", "mdm")
             out = (self.ar if which == "ar" else self.mdm)(net, batch)
-            out["loss"] = out["loss"] * (self.dual.ar_weight if which == "ar" else self.dual.mdm_weight)
+            out["loss"] = out["loss"] * (self.ar_weight if which == "ar" else self.mdm_weight)
             return out
         tokens = batch["tokens"]
-        n_ar = round(float(batch.get("ar_fraction", self.dual.ar_fraction)) * tokens.shape[0])
+        n_ar = ar_sequences(float(batch.get("ar_fraction", self.ar_fraction)), tokens.shape[0])
         parts, counts = [], []
         if n_ar > 0:
             ar_batch = {key: value[:n_ar] for key, value in batch.items() if torch.is_tensor(value)}
             out = self.ar(net, ar_batch)
-            parts.append(self.dual.ar_weight * out["loss"])
+            parts.append(self.ar_weight * out["loss"])
             counts.append(n_ar * (tokens.shape[1] - 1))
         if n_ar < tokens.shape[0]:
             out = self.mdm(net, {"tokens": tokens[n_ar:]})
-            parts.append(self.dual.mdm_weight * out["loss"])
-            counts.append((tokens.shape[0] - n_ar) * (tokens.shape[1] - int(bool(self.mdm.cfg.shifted))))
+            parts.append(self.mdm_weight * out["loss"])
+            counts.append((tokens.shape[0] - n_ar) * (tokens.shape[1] - int(self.mdm.shifted)))
         total = sum(counts)
         return {"loss": sum(part * (count / total) for part, count in zip(parts, counts))}
+
+
+def ar_sequences(fraction: float, batch_size: int) -> int:
+    """How many of ``batch_size`` sequences train AR: fraction * B rounded stochastically (E = fraction * B).
+
+    The draw uses torch's global CPU generator (checkpointed, so resume-exact) and only when fraction * B is not
+    an integer, so integer cases consume no randomness."""
+    exact = fraction * batch_size
+    whole = math.floor(exact + 1e-9)
+    remainder = exact - whole
+    if remainder > 1e-9 and torch.rand(()).item() < remainder:
+        whole += 1
+    return min(max(whole, 0), batch_size)
 
 
 def prefix_lm_mask(prefix_len: torch.Tensor, length: int) -> torch.Tensor:
@@ -121,13 +148,13 @@ def prefix_lm_loss(net, tokens: torch.Tensor, prefix_len: torch.Tensor, inputs: 
 class PrefixLMObjective:
     name = "prefix_lm"
 
-    def __init__(self, cfg: PrefixLMConfig, z_loss: float = 0.0):
-        self.cfg, self.z_loss = cfg, z_loss
+    def __init__(self, min_prefix: float = 0.0, max_prefix: float = 0.5, z_loss: float = 0.0):
+        self.min_prefix, self.max_prefix, self.z_loss = min_prefix, max_prefix, z_loss
 
     def __call__(self, net, batch: dict) -> dict[str, torch.Tensor]:
         tokens = batch["tokens"]
         length = tokens.shape[1]
-        fraction = self.cfg.min_prefix + (self.cfg.max_prefix - self.cfg.min_prefix) * torch.rand(
+        fraction = self.min_prefix + (self.max_prefix - self.min_prefix) * torch.rand(
             tokens.shape[0], device=tokens.device)
         prefix_len = (fraction * length).long()
         return prefix_lm_loss(net, tokens, prefix_len, batch.get("inputs"), batch.get("zero_embed"), self.z_loss)

@@ -17,16 +17,19 @@ from workbench.config import DropoutConfig
 from workbench.model import MLP, Attention, Transformer
 
 
-def apply_dropout(net: Transformer, cfg: DropoutConfig) -> Transformer:
+def apply_dropout(net: Transformer, mlp: float = 0.0, mlp_site: str = "hidden", attention: float = 0.0,
+                  residual: float = 0.0, embedding: float = 0.0) -> Transformer:
     """Set the dropout probabilities of every block in place; returns ``net``."""
-    net.embed_dropout.p = cfg.embedding
+    if mlp_site not in ("hidden", "output"):
+        raise ValueError(f"unknown MLP dropout site {mlp_site!r}; allowed: hidden, output")
+    net.embed_dropout.p = embedding
     for module in net.modules():
         if isinstance(module, MLP):
-            module.hidden_dropout.p = cfg.mlp if cfg.mlp_site == "hidden" else 0.0
-            module.output_dropout.p = cfg.mlp if cfg.mlp_site == "output" else 0.0
+            module.hidden_dropout.p = mlp if mlp_site == "hidden" else 0.0
+            module.output_dropout.p = mlp if mlp_site == "output" else 0.0
         elif isinstance(module, Attention):
-            module.attn_dropout.p = cfg.attention
-            module.resid_dropout.p = cfg.residual
+            module.attn_dropout.p = attention
+            module.resid_dropout.p = residual
     return net
 
 
@@ -45,4 +48,5 @@ class Dropout(Algorithm):
         return event == Event.INIT
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        apply_dropout(state.model.net, self.cfg)
+        cfg = self.cfg
+        apply_dropout(state.model.net, cfg.mlp, cfg.mlp_site, cfg.attention, cfg.residual, cfg.embedding)

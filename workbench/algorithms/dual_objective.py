@@ -11,17 +11,18 @@ import math
 from composer.core import Event, State
 from composer.loggers import Logger
 
+from workbench.algorithms.masked_diffusion import diffusion_kwargs
 from workbench.algorithms.objective import ObjectiveAlgorithm
 from workbench.config import DiffusionConfig, DualConfig
 from workbench.objectives import DualObjective
 
 
-def ar_fraction_at(cfg: DualConfig, progress: float) -> float:
-    """The AR fraction at a point of training: constant, or linear from ar_fraction to ar_fraction_end."""
-    if cfg.ar_fraction_end is None:
-        return cfg.ar_fraction
+def ar_fraction_at(progress: float, start: float, end: float | None = None) -> float:
+    """The AR fraction at a point of training: constant ``start``, or linear from ``start`` to ``end``."""
+    if end is None:
+        return start
     progress = min(max(progress, 0.0), 1.0)
-    return cfg.ar_fraction + (cfg.ar_fraction_end - cfg.ar_fraction) * progress
+    return start + (end - start) * progress
 
 
 def is_ar_step(step: int, fraction: float) -> bool:
@@ -35,7 +36,9 @@ class DualObjectiveMixing(ObjectiveAlgorithm):
 
     def __init__(self, diffusion: DiffusionConfig, dual: DualConfig, mask_id: int, z_loss: float = 0.0):
         self.cfg = dual
-        self.objective = DualObjective(diffusion, dual, mask_id, z_loss)
+        self.objective = DualObjective(mask_id, z_loss, mode=dual.mode, ar_fraction=dual.ar_fraction,
+                                       ar_weight=dual.ar_weight, mdm_weight=dual.mdm_weight,
+                                       **diffusion_kwargs(diffusion))
 
     def match(self, event: Event, state: State) -> bool:
         return event in (Event.INIT, Event.AFTER_DATALOADER)
@@ -44,7 +47,8 @@ class DualObjectiveMixing(ObjectiveAlgorithm):
         if event == Event.INIT:
             return super().apply(event, state, logger)
         elapsed = state.get_elapsed_duration()
-        fraction = ar_fraction_at(self.cfg, float(elapsed) if elapsed is not None else 0.0)
+        fraction = ar_fraction_at(float(elapsed) if elapsed is not None else 0.0, self.cfg.ar_fraction,
+                                  self.cfg.ar_fraction_end)
         if self.cfg.mode == "steps":
             state.batch["objective"] = "ar" if is_ar_step(int(state.timestamp.batch), fraction) else "mdm"
         else:

@@ -11,4 +11,4 @@ from workbench.objectives import PrefixLMObjective
 
 class PrefixLM(ObjectiveAlgorithm):
     def __init__(self, cfg: PrefixLMConfig, z_loss: float = 0.0):
-        self.objective = PrefixLMObjective(cfg, z_loss)
+        self.objective = PrefixLMObjective(cfg.min_prefix, cfg.max_prefix, z_loss)

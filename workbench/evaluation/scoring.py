@@ -360,8 +360,9 @@ def score_batch(model, batch: dict[str, Any]) -> dict[str, tuple[torch.Tensor, t
         tie = hash_uniform(seed, salt, _SALT_TIE, items[:, None], choice[None, :]).to(device)
         gold = batch["gold"]
         correct = choose(loglik, valid, tie) == gold
-        normed = choose(loglik / batch["cont_bytes"].double(), valid, tie) == gold
-        out["acc_norm"] = normed.double().sum(), count
+        for name, divisor in (("acc_norm", "cont_chars"), ("acc_bytes", "cont_bytes")):  # harness: characters
+            normed = choose(loglik / batch[divisor].double(), valid, tie) == gold
+            out[name] = normed.double().sum(), count
     hits = correct.double().sum()
     out["acc"] = hits, count
     out["stderr"] = hits, count

@@ -20,7 +20,8 @@ modelling ``{context, continuation}``. Every item becomes one row (context, cont
 
 Metrics (tidy rows split = task name): ``acc`` (the gold choice has the highest summed log-likelihood; language
 modelling: every continuation token is the model's greedy prediction under the scorer's conditioning), ``acc_norm``
-(log-likelihood divided by the continuation's UTF-8 byte length, lm-evaluation-harness's acc_norm), ``stderr``
+(log-likelihood divided by the continuation's length in characters, without the joining space: lm-evaluation-
+harness's acc_norm), ``acc_bytes`` (the same divided by its UTF-8 byte length instead), ``stderr``
 (binomial standard error of acc, sqrt(p(1-p)/(n-1)) as the harness), ``ppl`` (language modelling: exp of the mean
 per-item continuation NLL, the harness's LAMBADA perplexity; an upper bound under mc-elbo), ``elbo_stderr``
 (mean Monte Carlo standard error of a choice's log-likelihood, nats; 0 for exact scorers; present when the scorer
@@ -50,7 +51,7 @@ from typing import Any
 import torch
 
 from workbench.config import ConfigError, DownstreamConfig
-from workbench.lm import TokenMean
+from workbench.metrics import TokenMean
 from workbench.paths import data_dir
 
 MULTIPLE_CHOICE, SCHEMA, LANGUAGE_MODELING = "multiple_choice", "schema", "language_modeling"
@@ -277,7 +278,8 @@ class EncodedItem:
     index: int
     rows: list[list[int]]
     cont_start: list[int]
-    cont_bytes: list[int]
+    cont_bytes: list[int]  # UTF-8 bytes of each continuation (acc_bytes' divisor)
+    cont_chars: list[int]  # characters of each continuation (acc_norm's divisor, as lm-evaluation-harness)
     gold: int
     truncated: bool
 
@@ -304,7 +306,7 @@ def encode_items(items: Sequence[TaskItem], tokenizer, seq_len: int) -> tuple[li
     pairs = iter(split_tokens(tokenizer, contexts, continuations))
     stats, out = EncodeStats(items=len(items)), []
     for item in items:
-        rows, starts, nbytes, truncated = [], [], [], False
+        rows, starts, nbytes, nchars, truncated = [], [], [], [], False
         for continuation in item.continuations:
             ctx, cont, merged = next(pairs)
             stats.rows += 1
@@ -325,7 +327,8 @@ def encode_items(items: Sequence[TaskItem], tokenizer, seq_len: int) -> tuple[li
             rows.append(prefix + cont)
             starts.append(len(prefix))
             nbytes.append(len(continuation.encode("utf-8")))
-        out.append(EncodedItem(item.index, rows, starts, nbytes, item.gold, truncated))
+            nchars.append(len(continuation))
+        out.append(EncodedItem(item.index, rows, starts, nbytes, nchars, item.gold, truncated))
     return out, stats
 
 
@@ -358,17 +361,19 @@ def collate_items(items: Sequence[EncodedItem], options: BatchOptions, pad_id: i
     tokens = torch.full((n_items, n_choices, length), pad_id, dtype=torch.long)
     lengths = torch.zeros(n_items, n_choices, dtype=torch.long)
     starts = torch.zeros(n_items, n_choices, dtype=torch.long)
-    nbytes = torch.ones(n_items, n_choices)
+    nbytes, nchars = torch.ones(n_items, n_choices), torch.ones(n_items, n_choices)
     for b, item in enumerate(items):
         for c, row in enumerate(item.rows):
             tokens[b, c, :len(row)] = torch.tensor(row)
-            lengths[b, c], starts[b, c], nbytes[b, c] = len(row), item.cont_start[c], max(item.cont_bytes[c], 1)
+            lengths[b, c], starts[b, c] = len(row), item.cont_start[c]
+            nbytes[b, c], nchars[b, c] = max(item.cont_bytes[c], 1), max(item.cont_chars[c], 1)
     return {
         "task": options.task, "schema": options.schema, "scorer": options.scorer, "samples": options.samples,
         "rows_per_forward": options.rows_per_forward, "seed": options.seed, "task_key": options.task_key,
         "cfg_weight": float(options.cfg_weight), "masking": options.masking,
         "tokens": tokens, "length": lengths, "cont_start": starts, "choice_valid": lengths > 0,
-        "cont_bytes": nbytes, "gold": torch.tensor([item.gold for item in items], dtype=torch.long),
+        "cont_bytes": nbytes, "cont_chars": nchars,
+        "gold": torch.tensor([item.gold for item in items], dtype=torch.long),
         "item": torch.tensor([item.index for item in items], dtype=torch.long),
         "truncated": torch.tensor([item.truncated for item in items], dtype=torch.bool),
     }
@@ -402,7 +407,7 @@ class TaskMetric(TokenMean):
     """A task metric from two device-side sums (numerator in ``total``, denominator in ``count``), reduced across
     ranks like the validation metrics; see the module docstring."""
 
-    KINDS = ("acc", "acc_norm", "stderr", "ppl", "elbo_stderr", "truncated")
+    KINDS = ("acc", "acc_norm", "acc_bytes", "stderr", "ppl", "elbo_stderr", "truncated")
 
     def __init__(self, key: str):
         if key not in self.KINDS:
@@ -421,7 +426,7 @@ class TaskMetric(TokenMean):
 
 def task_metric_names(schema: str, scorer: str) -> list[str]:
     """Metrics one task reports (``scorer`` as configured: auto may resolve to mc-elbo)."""
-    names = ["acc", "stderr", "ppl"] if schema == LANGUAGE_MODELING else ["acc", "acc_norm", "stderr"]
+    names = ["acc", "stderr", "ppl"] if schema == LANGUAGE_MODELING else ["acc", "acc_norm", "acc_bytes", "stderr"]
     if scorer in ("auto", "mc-elbo"):
         names.append("elbo_stderr")
     return [*names, "truncated"]
