@@ -15,27 +15,9 @@ from composer.models import ComposerModel
 from torchmetrics import Metric
 
 from workbench.diffusion import nelbo_fixed, token_nll
+from workbench.metrics import TokenMean
 from workbench.model import Transformer
 from workbench.objectives import ARObjective
-
-
-class TokenMean(Metric):
-    """Sum of per-token losses / number of tokens, reduced across devices."""
-
-    full_state_update = False
-
-    def __init__(self, key: str):
-        super().__init__()
-        self.key = key
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, total: torch.Tensor, count: torch.Tensor) -> None:
-        self.total += total.double()
-        self.count += count.double()
-
-    def compute(self) -> torch.Tensor:
-        return self.total / self.count
 
 
 class WorkbenchLM(ComposerModel):
