@@ -109,6 +109,15 @@ def test_token_masking_algorithm_excludes_the_tokenizers_special_ids():
     assert set(state.batch["inputs"].unique().tolist()) == {2, 3, 5, 6, 7}
 
 
+def test_the_trainer_gives_token_masking_the_tokenizers_special_ids(tiny_config):
+    from workbench.train import build_algorithms
+
+    config = tiny_config({"algorithms": {"token_masking": {"rate": 0.2, "replacement": "random"}}})
+    algorithms = build_algorithms(config, MASK, EOS, VOCAB, special_ids=(EOS, MASK, 7))
+    masking = next(algorithm for algorithm in algorithms if isinstance(algorithm, TokenMasking))
+    assert masking.special_ids == (EOS, MASK, 7)
+
+
 def test_masking_rate_modes():
     torch.manual_seed(2)
     assert torch.all(masking_rates(5, "cpu", rate=0.2) == 0.2)

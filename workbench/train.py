@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,7 +169,9 @@ def build_model(config: RunConfig, tokenizer, install_objective: bool = False):
     return model
 
 
-def build_algorithms(config: RunConfig, mask_id: int, eos_id: int, vocab_size: int) -> list:
+def build_algorithms(config: RunConfig, mask_id: int, eos_id: int, vocab_size: int,
+                     special_ids: tuple[int, ...] = ()) -> list:
+    """``special_ids``: the tokenizer's special tokens, never drawn as random replacements by token masking."""
     from composer.algorithms import GradientClipping
 
     from workbench.algorithms import Dropout, TokenMasking, WeightDecay
@@ -177,7 +180,7 @@ def build_algorithms(config: RunConfig, mask_id: int, eos_id: int, vocab_size: i
     objective = objective_algorithm(config, mask_id)
     out: list = [objective] if objective is not None else []
     if algos.token_masking is not None:
-        out.append(TokenMasking(algos.token_masking, mask_id, eos_id, vocab_size))
+        out.append(TokenMasking(algos.token_masking, mask_id, eos_id, vocab_size, special_ids))
     if algos.dropout is not None:
         out.append(Dropout(algos.dropout))
     if algos.weight_decay is not None:
@@ -216,6 +219,7 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
     from composer.utils.reproducibility import seed_all
 
     from datasets_prep.corpus import prepare
+    from workbench.algorithms.token_masking import special_token_ids
     from workbench.callbacks import TidyMetricsLogger
     from workbench.data import build_loader
     run_dir = run_dir_for(config, run_dir)
@@ -228,6 +232,12 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
     from workbench.trackers import build_trackers, check_trackers
 
     check_trackers(config)  # a configured tracker whose package is missing fails here too
+    point, recovered = None, None
+    if state == "resume":
+        from workbench.resume import find_resume_point, recover_metrics
+
+        point = find_resume_point(run_dir, log)  # a broken checkpoint or metrics file is refused before data prep
+        recovered = recover_metrics(run_dir, point, log)
     device = _device(config)
     precision = _precision(config, device)
 
@@ -253,14 +263,13 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
     run_dir.mkdir(parents=True, exist_ok=True)
     metadata = {"workbench.config": config.to_dict(), "workbench.algorithms": active_algorithms(config),
                 "workbench.data": {"train": prepared.train.manifest, "val": prepared.val.manifest}}
-    writer = MetricsWriter(run_dir, metadata)
+    writer = MetricsWriter(run_dir, metadata, rows=recovered)
     tidy = TidyMetricsLogger(writer, config.name, prepared.train.manifest["num_tokens"], config.trainer.log_interval,
                              prepared.val.manifest.get("unigram_entropy"))
     checkpoints = run_dir / CHECKPOINTS
-    load_path = None
-    if state == "resume" and (checkpoints / LATEST_CHECKPOINT).exists():
-        load_path = str(checkpoints / LATEST_CHECKPOINT)
-        log(f"[train] resuming {config.name} from {os.path.realpath(load_path)}")
+    load_path = str(point.path) if point is not None else None
+    if load_path is not None:
+        log(f"[train] resuming {config.name} from {load_path}")
     trackers = build_trackers(config, run_dir, writer, resume=load_path is not None, log=log)
 
     logging.getLogger("composer").setLevel(logging.WARNING)
@@ -277,7 +286,8 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
         max_duration=max_duration_in_tokens(config.trainer.max_duration, prepared.train.manifest["num_tokens"]),
         optimizers=build_optimizer(config, model.parameters()),
         schedulers=build_scheduler(config),
-        algorithms=build_algorithms(config, tokenizer.mask_id, tokenizer.eos_id, tokenizer.vocab_size),
+        algorithms=build_algorithms(config, tokenizer.mask_id, tokenizer.eos_id, tokenizer.vocab_size,
+                                    special_token_ids(tokenizer)),
         callbacks=[*build_callbacks(config), *extra_callbacks],
         loggers=[tidy, *trackers],  # the tidy writer first: trackers forward its rows
         run_name=config.name,
@@ -319,6 +329,9 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: bool = F
 def _train_held(config: RunConfig, target: Path, resume: bool, extra_callbacks: Sequence,
                 log: Callable[[str], None]) -> dict[str, Any]:
     if check_run_dir(config, target, resume) == "complete":
+        from workbench.resume import check_complete_run
+
+        check_complete_run(target)  # its metrics.parquet unreadable or gone: say so, never "complete" in silence
         log(f"[train] {config.name}: already complete in {target}")
         return read_summary(target) or {}
     from workbench.results import atomic_write_bytes
@@ -331,7 +344,11 @@ def _train_held(config: RunConfig, target: Path, resume: bool, extra_callbacks: 
                   train_shards=str(built.prepared.train.path), val_shards=str(built.prepared.val.path),
                   device=str(built.trainer.state.device.name), precision=str(built.trainer.state.precision.value))
     try:
-        built.trainer.fit()
+        with warnings.catch_warnings():
+            # Composer's "No batches were trained" after a resume from a checkpoint at an epoch's last batch: the
+            # rest of that epoch is empty by design (its evaluation and the next epoch follow)
+            warnings.filterwarnings("ignore", message="No batches were trained", category=UserWarning)
+            built.trainer.fit()
     except BaseException as err:
         status = "pruned" if type(err).__name__ == "TrialPruned" else "failed"  # Optuna stops trials by raising
         write_summary(built.run_dir, status=status, error=f"{type(err).__name__}: {err}",

@@ -32,8 +32,10 @@ def masking_rates(batch_size: int, device, rate: float | None = None, max_rate: 
 
 
 def special_token_ids(tokenizer) -> tuple[int, ...]:
-    """Ids of a workbench tokenizer's special tokens (EOS, mask; BERT's [PAD], [UNK], [CLS] too)."""
-    added = tokenizer.tokenizer.get_added_tokens_decoder()
+    """Ids of a workbench tokenizer's special tokens (EOS, mask; BERT's [PAD], [UNK], [CLS] too). An id-only
+    vocabulary (the benchmark's random tokens) has just EOS and the mask."""
+    inner = getattr(tokenizer, "tokenizer", None)
+    added = inner.get_added_tokens_decoder() if inner is not None else {}
     return tuple(sorted({tokenizer.eos_id, tokenizer.mask_id, *(i for i, tok in added.items() if tok.special)}))
 
 
