@@ -153,3 +153,13 @@ def test_mc_elbo_scorer_expectation_is_the_nelbo(net, masking, eps):
     maskable = torch.tensor([False] + [True] * LENGTH)
     exact = exact_nelbo(net, torch.tensor(row), maskable, False, eps, masking)
     assert -scores.logprob.mean().item() == pytest.approx(exact, rel=TOLERANCE)
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "antithetic", "stratified"])
+def test_elbo_and_sampled_weighting_are_identical_under_uniform_samplers(net, sampler):
+    losses = []
+    for weighting in ("elbo", "sampled"):
+        torch.manual_seed(3)
+        losses.append(mdm_loss(net, CLEAN.expand(64, -1), MASK, time_sampler=sampler, eps=0.2,
+                               weighting=weighting)["loss"])
+    assert torch.equal(*losses)

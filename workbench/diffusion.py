@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 SAMPLERS = ("uniform", "antithetic", "stratified", "beta", "logit_normal", "truncated_normal")
+UNIFORM_SAMPLERS = ("uniform", "antithetic", "stratified")  # marginally uniform t: density 1 / (1 - eps)
 SAMPLER_DEFAULTS: dict[str, float] = {"a": 2.0, "b": 2.0, "mu": 0.0, "sigma": 1.0}  # Beta a, b; normal mu, sigma
 
 # --------------------------------------------------------------------------------------------------------------
@@ -40,7 +41,7 @@ def _params(params: Mapping[str, float] | None) -> dict[str, float]:
 
 def _base_density(name: str, s: torch.Tensor, p: dict[str, float]) -> torch.Tensor:
     """Density on (0, 1) of the sampler's base variable s (before the affine map to [eps, 1])."""
-    if name in ("uniform", "antithetic", "stratified"):
+    if name in UNIFORM_SAMPLERS:
         return torch.ones_like(s)
     if name == "beta":
         a, b = p["a"], p["b"]
@@ -218,8 +219,8 @@ def mdm_loss(net, tokens: torch.Tensor, mask_id: int, *, time_sampler: str = "un
     if t is None:
         t_min = eps if masking == "bernoulli" else 0.0
         t, pi_t = sample_times(time_sampler, batch, t_min, tokens.device, params=sampler_params)
-        if weighting == "elbo":  # E_{t~pi}[f(t) u(t)/pi(t)] = E_{t~U(t_min, 1)}[f(t)]
-            importance = 1.0 / ((1 - t_min) * pi_t)
+        if weighting == "elbo" and time_sampler not in UNIFORM_SAMPLERS:  # uniform ones: u / pi = 1 exactly
+            importance = 1.0 / ((1 - t_min) * pi_t)  # E_{t~pi}[f(t) u(t)/pi(t)] = E_{t~U(t_min, 1)}[f(t)]
     maskable = maskable_positions(tokens, shifted)
     mask, weight = mask_positions(t, maskable, masking)
     x_t = tokens.masked_fill(mask, mask_id)
