@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -80,3 +81,40 @@ def test_three_processes_prepare_once_and_match_a_single_preparation(tmp_path, m
     for output in ("train: wrote", "val: wrote", "tokenizer: wrote"):  # each output prepared by one process
         assert logs.count(output) == 1, logs
     assert logs.count("train: already prepared") == 2 and logs.count("val: already prepared") == 2
+
+
+HOLDER = """
+import sys, time, pathlib
+from datasets_prep.cache import exclusive
+with exclusive(pathlib.Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_killed_writer_blocks_no_one_and_its_leftovers_are_removed(tmp_path, monkeypatch):
+    """The lock dies with its holder (SIGKILL included); the half-written folder it leaves is cleaned up."""
+    from filelock import FileLock, Timeout
+
+    monkeypatch.setenv("WORKBENCH_PREPARED", str(tmp_path / "prepared"))
+    corpus = small_corpus(tmp_path / "corpus")
+    cfg = DataConfig(corpus=str(corpus), tokenizer=BPE, unique_tokens=4096, val_tokens=1024, seq_len=64)
+    target = prepare(cfg, log=lambda _: None).train.path
+    reference = cache_files(target)
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(target)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(Timeout):
+        FileLock(str(target.with_name(f".{target.name}.lock"))).acquire(timeout=0.2)
+    holder.kill()  # SIGKILL: no cleanup code runs
+    holder.wait(timeout=30)
+
+    shutil.rmtree(target)  # as if the killed process had been the first writer, mid-way
+    stale = target.with_name(f".{target.name}.tmp-killed")
+    stale.mkdir()
+    (stale / "shard.00000.mds").write_bytes(b"half")
+    messages: list[str] = []
+    again = prepare(cfg, log=messages.append)
+    assert again.train.path == target and cache_files(target) == reference
+    assert not stale.exists() and not any("waiting" in m for m in messages)
