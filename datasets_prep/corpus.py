@@ -51,7 +51,8 @@ class CorpusError(ValueError):
     """Bad corpus input, reported before any shard is written."""
 
 
-_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENOSPC, errno.EDQUOT}
+# errors of a write inside ``datasets`` that mean its cache folder is unusable, not that the corpus is bad
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOSPC, errno.EDQUOT}
 
 
 def _cache_error(folder: Path, err: OSError, what: str = "the prepared-data cache") -> CorpusError:
@@ -140,7 +141,7 @@ def _clean_jsonl(path: Path, text_column: str, stats: dict[str, Any]) -> Path:
     """Check every line of a JSON-lines file; lines that are not UTF-8, not JSON, or lack a string
     ``text_column`` are skipped (counted, first examples recorded with file:line). Returns the file to load:
     the original, or a cleaned copy in the cache when lines were dropped."""
-    good, bad, fields = [], 0, None
+    good, bad, fields, first = [], 0, None, ""
     with _open_bytes(path) as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
@@ -158,6 +159,7 @@ def _clean_jsonl(path: Path, text_column: str, stats: dict[str, Any]) -> Path:
                 reason = f"not valid JSON ({err.msg})"
             if reason:
                 bad += 1
+                first = first or f"{path}:{number}: {reason}"
                 stats["skipped_lines"] = stats.get("skipped_lines", 0) + 1
                 examples = stats.setdefault("skipped_line_examples", [])
                 if len(examples) < 5:
@@ -167,9 +169,8 @@ def _clean_jsonl(path: Path, text_column: str, stats: dict[str, Any]) -> Path:
     if not good and fields is not None:
         raise CorpusError(f"data.text_column: {text_column!r} is not a field of {path} (fields: {', '.join(fields)})")
     if not good and bad:
-        first = next(e for e in stats["skipped_line_examples"] if e.startswith(f"{path}:"))
-        raise CorpusError(f"data.corpus: every line of {path} was skipped ({bad:,} of {bad:,}; first: {first}); "
-                          f"each line must be a JSON object with a string field {text_column!r}")
+        raise CorpusError(f"data.corpus: every line of {path} was skipped ({bad:,} of {bad:,} non-empty lines; "
+                          f"first: {first}); each line must be a JSON object with a string field {text_column!r}")
     if not bad:
         return path
     # keyed by content: an edited file gets a new copy; equal content is written once, atomically
