@@ -182,6 +182,21 @@ class OutOfMemoryAt(Callback):
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
 
 
+def test_worker_logs_progress_after_each_trial(tmp_path, results_root, monkeypatch, capsys):
+    """One plain line per finished trial: done/total, best so far and an ETA while trials remain."""
+    monkeypatch.setattr(tune_worker, "run_trial", lambda spec, trial, frozen, log: [
+        spec.trial_values(lambda p: p.suggest(trial))[1]["optimizer.lr"]])
+    path = write_study(tmp_path, "progress", sampler={"name": "random", "seed": 1}, n_trials=3)
+    assert main(["tune", str(path)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[tune] progress:")]
+    trials = optuna.load_study(study_name="progress", storage=storage_of(results_root, "progress")).get_trials()
+    best = min(trials, key=lambda t: t.value)
+    assert [line.split(" trials finished")[0] for line in lines] == [f"[tune] progress: {n}/3" for n in (1, 2, 3)]
+    assert "ETA ~" in lines[0] and "ETA" not in lines[-1]
+    assert lines[-1].endswith(f"(3 complete, 0 pruned, 0 fail), 0 running; best val/ar_nll {best.value:.4f} "
+                              f"(trial {best.number})")
+
+
 def test_sqlite_study_prunes_fails_and_summarizes(tmp_path, results_root, monkeypatch, capsys):
     real_train = train_module.train
 

@@ -1,4 +1,5 @@
-"""``workbench bench``: training throughput of a hand-written PyTorch loop vs. the workbench trainer, side by side.
+"""Training throughput of a hand-written PyTorch loop vs. the workbench trainer, side by side (``workbench bench``;
+its command line is workbench.commands.bench).
 
 Both train the same :class:`workbench.model.Transformer` shape on random tokens, in one process, with the same
 precision (bf16 autocast on CUDA, fp32 on CPU), optimizer (AdamW, fused on CUDA) and optional torch.compile.
@@ -15,8 +16,6 @@ backward, N = non-embedding parameters plus the output head.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import tempfile
 import time
@@ -292,31 +291,3 @@ def format_table(result: dict[str, Any]) -> str:
         samples = row.get("samples", "-")
         lines.append(f"eval {row['scorer']:>10s} ({samples} samples): {row['items_per_s']:,.1f} items/s")
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shape", default=None, choices=list(SHAPES),
-                        help="model/batch shape (default: tiny on CPU, gpt2-1024 on CUDA)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on CPU, 50 on CUDA)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 CPU, 10 CUDA)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both paths")
-    parser.add_argument("--algorithms", action="store_true", help="also measure each algorithm's step overhead")
-    parser.add_argument("--eval", action="store_true", help="also measure downstream-evaluation items/s")
-    parser.add_argument("--out", help="write the result as JSON here (e.g. results/bench/h100.json)")
-
-
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = device == "cuda"
-    result = run_benchmark(args.shape or ("gpt2-1024" if gpu else "tiny"), device,
-                           args.steps or (50 if gpu else 10), args.warmup if args.warmup is not None else
-                           (10 if gpu else 3), args.compile, args.algorithms, args.eval)
-    print(format_table(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
-    return 0

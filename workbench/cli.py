@@ -12,11 +12,11 @@ COMMANDS = {
     "prep": ("workbench.commands.prep", "corpus -> Streaming MDS shards with an exact unique-token budget"),
     "train": ("workbench.commands.train", "train one model from a run YAML"),
     "eval": ("workbench.evaluation.cli", "zero-shot downstream evaluation of a checkpoint"),
-    "generate": ("workbench.evaluation.generate", "sample text from an AR or masked-diffusion checkpoint"),
+    "generate": ("workbench.commands.generate", "sample text from an AR or masked-diffusion checkpoint"),
     "ablate": ("workbench.commands.ablate", "expand and run an ablation YAML (resumable)"),
     "report": ("workbench.analysis", "tables and figures for a results folder"),
     "tune": ("workbench.commands.tune", "Optuna study over regularization strengths"),
-    "bench": ("workbench.bench", "throughput: plain PyTorch loop vs. the workbench trainer"),
+    "bench": ("workbench.commands.bench", "throughput: plain PyTorch loop vs. the workbench trainer"),
 }
 
 

@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from workbench.evaluation.checkpoint import load_run
     from workbench.evaluation.scoring import resolve_scorer
     from workbench.evaluation.tasks import check_tasks, evaluate_task, prepare_task
+    from workbench.progress import Progress
 
     device = pick_device(args.device)
     loaded = load_run(args.checkpoint, device)
@@ -139,12 +140,14 @@ def run(args: argparse.Namespace) -> int:
     for name in settings.tasks:
         task = prepare_task(name, loaded.tokenizer, settings, seq_len)
         start = time.time()
-        try:
-            values = evaluate_task(loaded.model, task, device, autocast)
+        try:  # progress over items (a line every 30 s in logs); per batch, no device sync
+            scorer = resolve_scorer(task.options.scorer, objective, loaded.config.shifted)
+            samples = f", {task.options.samples} samples" if scorer == "mc-elbo" else ""
+            with Progress(len(task.items), f"[eval] {name} ({scorer}{samples})", "items") as progress:
+                values = evaluate_task(loaded.model, task, device, autocast, on_batch=progress.update)
         except ValueError as err:  # e.g. a scorer that does not fit this model
             raise ConfigError("command line", "--scorer", f"task {name}: {err}") from None
         seconds = time.time() - start
-        scorer = resolve_scorer(task.options.scorer, objective, loaded.config.shifted)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
         print(f"  {task.describe()}\n    {scorer}: {shown} ({len(task.items) / max(seconds, 1e-9):.1f} items/s)")
         rows += [tidy_row(loaded, name, metric, value, seconds) for metric, value in values.items()]

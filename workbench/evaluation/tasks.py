@@ -550,8 +550,10 @@ def build_task_evaluators(model, tokenizer, cfg: DownstreamConfig, interval: str
 
 @torch.no_grad()
 def evaluate_task(model, task: PreparedTask, device: str | torch.device = "cpu",
-                  autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """Standalone evaluation of one prepared task (same batches, scorer and metrics as inside training)."""
+                  autocast_dtype: torch.dtype | None = None,
+                  on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Standalone evaluation of one prepared task (same batches, scorer and metrics as inside training);
+    ``on_batch(items)`` after each batch (progress; a host-side count, no device sync)."""
     from workbench.evaluation.scoring import score_batch
 
     device = torch.device(device)
@@ -565,6 +567,8 @@ def evaluate_task(model, task: PreparedTask, device: str | torch.device = "cpu",
                 outputs = score_batch(model, batch)
             for metric in metrics.values():
                 metric.update(*outputs[metric.key])
+            if on_batch is not None:
+                on_batch(int(batch["gold"].shape[0]))
     finally:
         model.train(was_training)
     return {name: float(metric.compute()) for name, metric in metrics.items()}

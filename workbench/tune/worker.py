@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workbench.paths import results_dir
+from workbench.progress import format_seconds
 from workbench.tune.study import make_pruner, make_sampler
 
 if TYPE_CHECKING:
@@ -265,16 +266,7 @@ def work(spec: StudySpec, storage: optuna.storages.RDBStorage, log: Callable[[st
             time.sleep(poll)
             continue
         idle_reported = False
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
-        # a fresh Study per trial: Optuna's per-study trial cache would otherwise be stale for the sampler
-        trial_study = optuna.load_study(study_name=spec.name, storage=storage,
-                                        sampler=make_sampler(spec, frozen.number), pruner=make_pruner(spec))
-        trial_study.get_trials(deepcopy=False)
-        trial = optuna.trial.Trial(trial_study, trial_id)
-        trial.set_user_attr("worker", worker_id())
-        for inherited in ("error", "resumed_from"):  # copied from the failed attempt by the retry callback
-            if frozen.user_attrs.get(inherited) is not None:
-                trial.set_user_attr(inherited, None)
+        trial_study, trial, trial_id = _open_trial(spec, storage, study_id, frozen)
         origin = frozen.system_attrs.get("failed_trial")
         log(f"[tune] trial {frozen.number} started" + (f" (retry of trial {origin})" if origin is not None else ""))
         started = time.time()
@@ -294,7 +286,52 @@ def work(spec: StudySpec, storage: optuna.storages.RDBStorage, log: Callable[[st
             retry(trial_study, storage.get_trial(trial_id))
         if error == "KeyboardInterrupt":
             raise KeyboardInterrupt
+        log(study_progress(spec, trial_study.get_trials(deepcopy=False)))
     return counts
+
+
+def _open_trial(spec: StudySpec, storage: optuna.storages.RDBStorage, study_id: int,
+                frozen: optuna.trial.FrozenTrial) -> tuple[optuna.Study, optuna.Trial, int]:
+    """The claimed trial as an ``optuna.Trial`` of a fresh Study (Optuna's per-study trial cache would otherwise be
+    stale for the sampler), marked with this worker and cleared of attributes inherited from a failed attempt."""
+    import optuna
+
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
+    trial_study = optuna.load_study(study_name=spec.name, storage=storage,
+                                    sampler=make_sampler(spec, frozen.number), pruner=make_pruner(spec))
+    trial_study.get_trials(deepcopy=False)
+    trial = optuna.trial.Trial(trial_study, trial_id)
+    trial.set_user_attr("worker", worker_id())
+    for inherited in ("error", "resumed_from"):  # copied from the failed attempt by the retry callback
+        if frozen.user_attrs.get(inherited) is not None:
+            trial.set_user_attr(inherited, None)
+    return trial_study, trial, trial_id
+
+
+def study_progress(spec: StudySpec, trials: list[optuna.trial.FrozenTrial]) -> str:
+    """One line after each trial: trials finished / total (retries included), states, the best value so far and
+    an ETA = mean finished-trial duration x open trials / workers (the running trials' workers plus this one)."""
+    from optuna.trial import TrialState
+
+    finished = [t for t in trials if t.state.is_finished()]
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    states = {s: sum(t.state == s for t in finished) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    line = (f"[tune] progress: {len(finished)}/{len(trials)} trials finished ("
+            + ", ".join(f"{n} {s.name.lower()}" for s, n in states.items()) + f"), {running} running")
+    complete = [t for t in finished if t.state == TrialState.COMPLETE]
+    if complete and len(spec.objectives) == 1:
+        sign = 1 if spec.directions[0] == "minimize" else -1
+        best = min(complete, key=lambda t: sign * t.values[0])
+        line += f"; best {spec.objectives[0].name} {best.values[0]:.4f} (trial {best.number})"
+    elif complete:
+        line += f"; {len(complete)} complete trials toward the Pareto front"
+    durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in finished
+                 if t.datetime_start is not None and t.datetime_complete is not None]
+    if durations and waiting + running:
+        eta = sum(durations) / len(durations) * (waiting + running) / (running + 1)
+        line += f"; ETA ~{format_seconds(eta)}"
+    return line
 
 
 def _run_one(spec: StudySpec, storage: optuna.storages.RDBStorage, trial_id: int, trial: optuna.Trial,
