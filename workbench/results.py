@@ -41,12 +41,14 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 class MetricsWriter:
     """Collects tidy metric rows for one run and rewrites ``metrics.parquet`` atomically on every flush."""
 
-    def __init__(self, run_dir: str | Path, metadata: dict[str, Any], filename: str = METRICS_FILE):
+    def __init__(self, run_dir: str | Path, metadata: dict[str, Any], filename: str = METRICS_FILE,
+                 rows: list[dict[str, Any]] | None = None):
+        """``rows``: start from these instead of the file's (a resumed run rebuilding an unreadable file)."""
         self.path = Path(run_dir) / filename
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.metadata = {key: json.dumps(value, default=str) for key, value in metadata.items()}
-        self.rows: list[dict[str, Any]] = []
-        if self.path.exists():
+        self.rows: list[dict[str, Any]] = list(rows) if rows is not None else []
+        if rows is None and self.path.exists():
             existing = read_metrics(self.path)
             self.rows = existing.to_dicts() if existing is not None else []
         self._dirty = False
@@ -88,19 +90,41 @@ class MetricsWriter:
         self._dirty = False
 
 
-def read_metrics(path: str | Path) -> pl.DataFrame | None:
-    """Read a metrics file; a missing, truncated or corrupted file gives a warning naming it and None."""
-    path = Path(path)
+def _read_checked(path: Path) -> tuple[pl.DataFrame | None, str | None]:
+    """(frame, None) for a readable metrics file, (None, what is wrong with it) otherwise."""
     try:
         frame = pl.read_parquet(path)
     except Exception as err:  # half-written or corrupted file from a killed process
-        warnings.warn(f"{path}: unreadable metrics file skipped ({type(err).__name__}: {err})", stacklevel=2)
-        return None
+        return None, f"unreadable metrics file ({type(err).__name__}: {err})"
     missing = [column for column in SCHEMA if column not in frame.columns]
     if missing:
-        warnings.warn(f"{path}: metrics file lacks columns {missing}; skipped", stacklevel=2)
-        return None
-    return frame.select([pl.col(name).cast(dtype) for name, dtype in SCHEMA.items()])
+        return None, f"metrics file lacks columns {missing}"
+    return frame.select([pl.col(name).cast(dtype) for name, dtype in SCHEMA.items()]), None
+
+
+def read_metrics(path: str | Path) -> pl.DataFrame | None:
+    """Read a metrics file; a missing, truncated or corrupted file gives a warning naming it and None."""
+    path = Path(path)
+    frame, problem = _read_checked(path)
+    if problem is not None:
+        warnings.warn(f"{path}: {problem}; skipped", stacklevel=2)
+    return frame
+
+
+def metrics_problem(path: str | Path) -> str | None:
+    """What makes an existing metrics file unusable (None when it reads with every column)."""
+    return _read_checked(Path(path))[1]
+
+
+def rows_to_bytes(rows: list[dict[str, Any]]) -> bytes:
+    """Tidy rows as parquet bytes (how a checkpoint carries them, see workbench.resume)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(pl.DataFrame(rows, schema=SCHEMA, orient="row").to_arrow(), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def rows_from_bytes(data: bytes) -> list[dict[str, Any]]:
+    return pl.read_parquet(pa.BufferReader(data)).to_dicts()
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +232,12 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
     from workbench.trackers import build_trackers, check_trackers
 
     check_trackers(config)  # a configured tracker whose package is missing fails here too
+    point, recovered = None, None
+    if state == "resume":
+        from workbench.resume import find_resume_point, recover_metrics
+
+        point = find_resume_point(run_dir, log)  # a broken checkpoint or metrics file is refused before data prep
+        recovered = recover_metrics(run_dir, point, log)
     device = _device(config)
     precision = _precision(config, device)
 
@@ -256,14 +263,13 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
     run_dir.mkdir(parents=True, exist_ok=True)
     metadata = {"workbench.config": config.to_dict(), "workbench.algorithms": active_algorithms(config),
                 "workbench.data": {"train": prepared.train.manifest, "val": prepared.val.manifest}}
-    writer = MetricsWriter(run_dir, metadata)
+    writer = MetricsWriter(run_dir, metadata, rows=recovered)
     tidy = TidyMetricsLogger(writer, config.name, prepared.train.manifest["num_tokens"], config.trainer.log_interval,
                              prepared.val.manifest.get("unigram_entropy"))
     checkpoints = run_dir / CHECKPOINTS
-    load_path = None
-    if state == "resume" and (checkpoints / LATEST_CHECKPOINT).exists():
-        load_path = str(checkpoints / LATEST_CHECKPOINT)
-        log(f"[train] resuming {config.name} from {os.path.realpath(load_path)}")
+    load_path = str(point.path) if point is not None else None
+    if load_path is not None:
+        log(f"[train] resuming {config.name} from {load_path}")
     trackers = build_trackers(config, run_dir, writer, resume=load_path is not None, log=log)
 
     logging.getLogger("composer").setLevel(logging.WARNING)
@@ -323,6 +329,9 @@ def train(config: RunConfig, run_dir: str | Path | None = None, resume: bool = F
 def _train_held(config: RunConfig, target: Path, resume: bool, extra_callbacks: Sequence,
                 log: Callable[[str], None]) -> dict[str, Any]:
     if check_run_dir(config, target, resume) == "complete":
+        from workbench.resume import check_complete_run
+
+        check_complete_run(target)  # its metrics.parquet unreadable or gone: say so, never "complete" in silence
         log(f"[train] {config.name}: already complete in {target}")
         return read_summary(target) or {}
     from workbench.results import atomic_write_bytes
@@ -335,7 +344,11 @@ def _train_held(config: RunConfig, target: Path, resume: bool, extra_callbacks: 
                   train_shards=str(built.prepared.train.path), val_shards=str(built.prepared.val.path),
                   device=str(built.trainer.state.device.name), precision=str(built.trainer.state.precision.value))
     try:
-        built.trainer.fit()
+        with warnings.catch_warnings():
+            # Composer's "No batches were trained" after a resume from a checkpoint at an epoch's last batch: the
+            # rest of that epoch is empty by design (its evaluation and the next epoch follow)
+            warnings.filterwarnings("ignore", message="No batches were trained", category=UserWarning)
+            built.trainer.fit()
     except BaseException as err:
         status = "pruned" if type(err).__name__ == "TrialPruned" else "failed"  # Optuna stops trials by raising
         write_summary(built.run_dir, status=status, error=f"{type(err).__name__}: {err}",

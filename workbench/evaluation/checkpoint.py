@@ -18,8 +18,8 @@ import torch
 
 from workbench.config import RunConfig, load_run_config
 from workbench.results import CHECKPOINTS, CONFIG_FILE, METRICS_FILE, read_metadata, read_summary
-
-LATEST = "latest-rank0.pt"
+from workbench.resume import LATEST_CHECKPOINT as LATEST
+from workbench.resume import CheckpointError, read_checkpoint
 
 
 @dataclass
@@ -43,8 +43,12 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
         run_dir = path
         folder = run_dir / CHECKPOINTS
         checkpoint = folder / LATEST
+        if checkpoint.is_symlink() and not checkpoint.exists():
+            raise CheckpointError(f"{checkpoint} points at {folder / checkpoint.readlink()}, which no longer exists; "
+                                  "name one of the checkpoint files in that folder to evaluate it")
         if not checkpoint.exists():
-            candidates = sorted(folder.glob("*.pt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+            candidates = sorted((p for p in folder.glob("*.pt") if p.is_file()),
+                                key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
             if not candidates:
                 raise FileNotFoundError(f"{run_dir}: no checkpoint found (expected {checkpoint}); is this a run "
                                         "folder of a run that saved at least one checkpoint?")
@@ -102,14 +106,10 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     run_dir, checkpoint = resolve_checkpoint(path)
     config = load_run_config(run_dir / CONFIG_FILE)
     tokenizer = _load_tokenizer(run_dir, config)
-    try:
-        payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        state = payload["state"]
-        weights = state["model"]
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{checkpoint}: not a Composer checkpoint with state['model'] ({err})") from None
-    except Exception as err:  # truncated or corrupted file
-        raise ValueError(f"{checkpoint}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+    state = read_checkpoint(checkpoint)["state"]  # a truncated or corrupted file: CheckpointError naming it
+    weights = state.get("model")
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{checkpoint}: not a Composer checkpoint with state['model']")
     from workbench.train import build_model
 
     model = build_model(config, tokenizer, install_objective=True)
@@ -118,7 +118,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     try:
         model.net.load_state_dict(net_state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{checkpoint} does not match the model of {run_dir / CONFIG_FILE}: {err}") from None
+        raise CheckpointError(f"{checkpoint} does not match the model of {run_dir / CONFIG_FILE}: {err}") from None
     model.to(device).eval()
     timestamp = (state.get("timestamp") or {}).get("Timestamp", {})
     summary = read_summary(run_dir) or {}
