@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from workbench.config import ConfigError, load_run_config, parse_count, parse_duration
@@ -85,3 +87,176 @@ def test_counts_and_durations():
     for bad in ("1.5dur", "ep", "-3ep"):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# issue 12: non-finite numbers, microbatches and processes, base: chains, the one YAML reader
+
+def _numeric_keys(cls=None, prefix=""):
+    """(dotted key, type, context) for every int and float key of the run-config schema; context switches on
+    the section that holds the key (objective.dual only exists with objective.name dual, ...)."""
+    import dataclasses
+    import types
+    import typing
+
+    from workbench.config import RunConfig
+
+    cls = cls or RunConfig
+    contexts = {"objective.diffusion": {"objective": {"name": "mdm"}},
+                "objective.dual": {"objective": {"name": "dual"}},
+                "objective.prefix_lm": {"objective": {"name": "prefix_lm"}}}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}.{f.name}" if prefix else f.name
+        options = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] if typing.get_origin(
+            hints[f.name]) in (typing.Union, types.UnionType) else [hints[f.name]]
+        for tp in options:
+            if dataclasses.is_dataclass(tp):
+                yield from ((k, t, c or contexts.get(dotted, {})) for k, t, c in _numeric_keys(tp, dotted))
+            elif tp in (int, float) and "parse" not in f.metadata:
+                yield dotted, tp, contexts.get(prefix, {})
+            elif typing.get_origin(tp) is list and typing.get_args(tp) == (float,):
+                yield dotted, list, contexts.get(prefix, {})
+
+
+NUMERIC_KEYS = list(_numeric_keys())
+
+
+def test_the_schema_walk_finds_the_numeric_keys():
+    keys = {k for k, _, _ in NUMERIC_KEYS}
+    assert {"optimizer.lr", "optimizer.betas", "model.mlp_ratio", "trainer.grad_clip_norm", "objective.z_loss",
+            "objective.diffusion.eps", "objective.diffusion.time_sampler.a", "objective.dual.ar_fraction_end",
+            "algorithms.token_masking.max_rate", "algorithms.dropout.mlp", "eval.downstream.cfg_weight",
+            "data.batch_size", "trainer.microbatch_size", "seed"} <= keys
+    assert len(keys) > 40
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+@pytest.mark.parametrize("key,tp,context", NUMERIC_KEYS, ids=[k for k, _, _ in NUMERIC_KEYS])
+def test_every_numeric_key_refuses_non_finite_values(tmp_path, key, tp, context, value):
+    import yaml
+
+    from workbench.config import set_dotted
+
+    values = copy.deepcopy(context)
+    set_dotted(values, key, "@" if tp is not list else ["@", 0.9])
+    path = write(tmp_path, yaml.safe_dump(values).replace("'@'", value))
+    with pytest.raises(ConfigError) as info:
+        load_run_config(path)
+    assert info.value.source == str(path)
+    assert info.value.key == (f"{key}[0]" if tp is list else key)
+    assert ("expected a finite number" if tp is not int else "expected an integer") in info.value.message
+
+
+def test_overrides_refuse_non_finite_numbers(tmp_path):
+    path = write(tmp_path, "name: x\n")
+    for raw in ("inf", "-Infinity", "nan", "1e999"):
+        with pytest.raises(ConfigError, match=r"^command line: optimizer\.lr: expected a finite number"):
+            load_run_config(path, [f"optimizer.lr={raw}"])
+
+
+@pytest.mark.parametrize("batch,micro,world,key,message", [
+    (16, 0, 1, "trainer.microbatch_size", "must be >= 1"),
+    (16, -2, 1, "trainer.microbatch_size", "must be >= 1"),
+    (16, 5, 1, "trainer.microbatch_size", "allowed: 1, 2, 4, 8, 16 or null"),
+    (16, None, 3, "data.batch_size", "not divisible by the 3 processes"),
+    (24, 8, 2, "trainer.microbatch_size", "per-process batch of 12 (data.batch_size 24 / 2 processes); allowed: "
+     "1, 2, 3, 4, 6, 12 or null"),
+])
+def test_batches_split_over_processes_and_microbatches(tmp_path, batch, micro, world, key, message):
+    path = write(tmp_path, f"data: {{batch_size: {batch}}}\neval: {{batch_size: 48}}\n"
+                 f"trainer: {{microbatch_size: {'null' if micro is None else micro}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_run_config(path, world_size=world)
+    assert (info.value.source, info.value.key) == (str(path), key) and message in info.value.message
+
+
+def test_batches_that_split_evenly_pass():
+    from workbench.config import check_processes, config_from_dict
+
+    config = config_from_dict({"data": {"batch_size": 24}, "eval": {"batch_size": 48},
+                               "trainer": {"microbatch_size": 4}})
+    for world in (1, 2, 3, 6):
+        check_processes(config, world)
+    with pytest.raises(ConfigError, match=r"eval\.batch_size: 48 is not divisible by the 5 processes"):
+        check_processes(config_from_dict({"data": {"batch_size": 10}, "eval": {"batch_size": 48}}), 5)
+
+
+def test_base_cycles_are_named(tmp_path):
+    write(tmp_path, "base: b.yaml\n", "a.yaml")
+    write(tmp_path, "base: c.yaml\n", "b.yaml")
+    write(tmp_path, "base: a.yaml\nseed: 3\n", "c.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_run_config(tmp_path / "a.yaml")
+    assert info.value.source == str(tmp_path / "c.yaml") and info.value.key == "base"
+    names = [p.rsplit("/", 1)[-1] for p in info.value.message.split(": ", 1)[1].split(" -> ")]
+    assert names == ["a.yaml", "b.yaml", "c.yaml", "a.yaml"]
+    # the same file twice is no cycle when it is not on the chain (a diamond is fine)
+    write(tmp_path, "seed: 5\n", "common.yaml")
+    write(tmp_path, "base: common.yaml\nmodel: {n_layers: 3}\n", "left.yaml")
+    write(tmp_path, "base: left.yaml\n", "top.yaml")
+    assert load_run_config(tmp_path / "top.yaml").seed == 5
+
+
+def test_errors_name_the_file_that_holds_the_value(tmp_path):
+    write(tmp_path, "model: {n_heads: 3}\noptimizer: {lr: -1}\n", "grand.yaml")
+    write(tmp_path, "base: grand.yaml\noptimizer: {lr: 0.001}\nmodel: {d_model: 64}\n", "parent.yaml")
+    child = write(tmp_path, "base: parent.yaml\nmodel: {n_heads: 4}\n")
+    assert load_run_config(child).optimizer.lr == 0.001  # parent overrides grand's bad lr
+    for overrides, source, key in [
+        (["optimizer.lr=-2"], "command line", "optimizer.lr"),
+        (["model.n_heads=3"], str(tmp_path / "parent.yaml"), "model.d_model"),  # the key named: who set it
+        (["data.batch_size=0"], "command line", "data.batch_size"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load_run_config(child, overrides)
+        assert (info.value.source, info.value.key) == (source, key)
+    write(tmp_path, "base: grand.yaml\nmodel: {d_model: 64, n_layers: 2}\n", "parent.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_run_config(child)
+    assert (info.value.source, info.value.key) == (str(tmp_path / "grand.yaml"), "optimizer.lr")
+    write(tmp_path, "optimizer: {betas: [0.9, 2]}\n", "grand.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_run_config(child)
+    assert (info.value.source, info.value.key) == (str(tmp_path / "grand.yaml"), "optimizer.betas")
+
+
+def test_read_yaml_refuses_duplicates_empty_files_and_other_encodings(tmp_path):
+    from workbench.config import read_yaml
+
+    path = write(tmp_path, "eval:\n  downstream:\n    tasks: [piqa]\n    scorers: {piqa: ar,\n      piqa: chain}\n")
+    with pytest.raises(ConfigError) as info:
+        read_yaml(path)
+    assert info.value.key == "eval.downstream.scorers.piqa" and "line 5 (first on line 4)" in info.value.message
+    path = write(tmp_path, "variants:\n  - {name: a, seed: 1, seed: 2}\n")
+    with pytest.raises(ConfigError, match=r"variants\[0\]\.seed: duplicate key on line 2"):
+        read_yaml(path)
+    # anchors and merge keys are not duplicates; a key may repeat in different mappings
+    path = write(tmp_path, "x: &d {a: 1, b: 2}\ny: {<<: *d, b: 3}\nz: {a: 1}\n")
+    assert read_yaml(path) == {"x": {"a": 1, "b": 2}, "y": {"a": 1, "b": 3}, "z": {"a": 1}}
+    for text in ("", "\n\n", "# a comment\n", "---\n"):
+        with pytest.raises(ConfigError, match="empty"):
+            read_yaml(write(tmp_path, text))
+    (tmp_path / "latin1.yaml").write_bytes("name: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text \(byte 0xe9 on line 1\)"):
+        read_yaml(tmp_path / "latin1.yaml")
+    (tmp_path / "bom.yaml").write_bytes("\ufeffname: café\n".encode())
+    assert read_yaml(tmp_path / "bom.yaml") == {"name": "café"}
+
+
+def test_shipped_yaml_files_read_cleanly_and_are_refused_by_train():
+    from workbench.config import read_yaml
+    from workbench.paths import REPO_ROOT
+
+    ablations = sorted((REPO_ROOT / "ablations").glob("*.yaml"))
+    studies = sorted((REPO_ROOT / "ablations" / "studies").glob("*.yaml"))
+    assert ablations and studies
+    for path in [*ablations, *studies, *(REPO_ROOT / "ablations" / "base").glob("*.yaml")]:
+        assert read_yaml(path)  # UTF-8, no duplicate keys
+    for paths, kind, command in ((ablations, "ablation file", "workbench ablate"),
+                                 (studies, "study file", "workbench tune")):
+        for path in paths:
+            with pytest.raises(ConfigError) as info:
+                load_run_config(path)
+            assert kind in info.value.message and f"{command} {path}" in info.value.message
+    assert load_run_config(REPO_ROOT / "ablations" / "base" / "gpu_small.yaml").name

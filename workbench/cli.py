@@ -7,6 +7,9 @@ import argparse
 import importlib
 import os
 import sys
+import time
+
+QUIET_RANK_WAIT_S = 10.0  # see main(): how long ranks other than 0 wait after an input error before exiting
 
 COMMANDS = {
     "prep": ("workbench.commands.prep", "corpus -> Streaming MDS shards with an exact unique-token budget"),
@@ -38,11 +41,17 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["WORKBENCH_DATA"] = os.path.abspath(args.data_dir)
     from datasets_prep.corpus import CorpusError
     from workbench.config import ConfigError
+    from workbench.paths import FolderError
     from workbench.train import RunExistsError
 
     try:
         return int(modules[args.command].run(args) or 0)
-    except (ConfigError, CorpusError, RunExistsError, FileNotFoundError) as err:
+    except (ConfigError, CorpusError, RunExistsError, FileNotFoundError, FolderError) as err:
+        if os.environ.get("RANK", "0") not in ("", "0"):
+            # every rank of a distributed run meets the same input: rank 0 alone reports it, and the others wait for
+            # the launcher to stop the group on rank 0's exit (exiting first could get rank 0 killed before it prints)
+            time.sleep(QUIET_RANK_WAIT_S)
+            return 2
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import os
 import re
 import types
 import typing
@@ -20,16 +22,18 @@ from typing import Any, Literal
 
 import yaml
 
+from workbench import strict_yaml
+
 # --------------------------------------------------------------------------------------------------------------
 # errors and small parsers
 
 
 class ConfigError(ValueError):
-    """A config problem, reported as ``<source>: <key>: <message>``."""
+    """A config problem, reported as ``<source>: <key>: <message>`` (``<source>: <message>`` for the whole file)."""
 
     def __init__(self, source: str, key: str, message: str):
         self.source, self.key, self.message = source, key, message
-        super().__init__(f"{source}: {key or '<top level>'}: {message}")
+        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
 
 
 _SUFFIX = {"": 1, "k": 10**3, "K": 10**3, "m": 10**6, "M": 10**6, "b": 10**9, "B": 10**9, "g": 10**9, "G": 10**9}
@@ -503,6 +507,7 @@ class RunConfig:
         if decay is not None and self.optimizer.weight_decay:
             raise ConfigError("", "algorithms.weight_decay", "weight decay is declared twice; set optimizer."
                               "weight_decay: 0 when the weight_decay algorithm configures it")
+        check_processes(self, 1)
 
     # convenience -------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -521,6 +526,25 @@ class RunConfig:
         """Whether position i predicts token i+1 (always for AR; for MDM per the diffusion config)."""
         diffusion = self.objective.diffusion
         return True if diffusion is None else bool(diffusion.shifted)
+
+
+def check_processes(config: RunConfig, world_size: int, source: str = "") -> None:
+    """Refuse batch sizes that do not split over ``world_size`` processes (the global batches are divided evenly
+    over the ranks, each rank's batch into microbatches) before any data is prepared, not as a traceback per rank."""
+    processes = f"{world_size} processes (WORLD_SIZE={world_size})" if world_size > 1 else ""
+    for key, batch in (("data.batch_size", config.data.batch_size), ("eval.batch_size", config.eval.batch_size)):
+        if batch % world_size:
+            raise ConfigError(source, key, f"{batch} is not divisible by the {processes}; each process takes an "
+                              f"equal share of the global batch: use a multiple of {world_size}")
+    micro = config.trainer.microbatch_size
+    per_process = config.data.batch_size // world_size
+    if micro is not None and per_process % micro:
+        divisors = ", ".join(str(d) for d in range(1, per_process + 1) if per_process % d == 0)
+        where = (f"the per-process batch of {per_process} (data.batch_size {config.data.batch_size} / {world_size} "
+                 "processes)"
+                 if world_size > 1 else f"data.batch_size {per_process}")
+        raise ConfigError(source, "trainer.microbatch_size", f"{micro} must divide {where}; allowed: {divisors} "
+                          "or null")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -588,14 +612,17 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(source, key, f"expected an integer, got {value!r}")
         return int(value)
     if tp is float:
+        number = value
         if isinstance(value, str):
             try:
-                return float(value)  # YAML reads 1e-3 (no dot) as a string
+                number = float(value)  # YAML reads 1e-3 (no dot) as a string
             except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(source, key, f"expected a number, got {value!r}") from None
+        if isinstance(number, bool) or not isinstance(number, int | float):
             raise ConfigError(source, key, f"expected a number, got {value!r}")
-        return float(value)
+        if not math.isfinite(number):  # .inf / .nan would train to nan losses or crash after data preparation
+            raise ConfigError(source, key, f"expected a finite number (not .inf or .nan), got {value!r}")
+        return float(number)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(source, key, f"expected a string, got {value!r}")
@@ -652,9 +679,11 @@ def parse_overrides(overrides: list[str] | None, source: str = "command line") -
             raise ConfigError(source, item, "overrides are written key.sub=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = strict_yaml.load(raw) if raw != "" else None
+        except strict_yaml.DuplicateKeyError as err:
+            raise ConfigError(source, f"{key.strip()}.{err.key}", "duplicate key; a key may appear once") from None
         except yaml.YAMLError as err:
-            raise ConfigError(source, key, f"value is not valid YAML: {err}") from None
+            raise ConfigError(source, key, f"value is {strict_yaml.describe_error(err)}") from None
         set_dotted(nested, key.strip(), value)
     return nested
 
@@ -691,39 +720,130 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The one reader of the workbench's YAML files (run, base, ablation and study files): UTF-8 text, a mapping,
+    not empty, no key written twice; every problem is one ConfigError naming the file (and key and line)."""
     path = Path(path)
+    source = str(path)
+    if path.is_dir():
+        raise ConfigError(source, "", "is a folder; expected a YAML file")
     if not path.is_file():
-        raise ConfigError(str(path), "", "file not found")
+        raise ConfigError(source, "", "file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(source, "", f"cannot be read: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ConfigError(source, "", f"not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); save the file "
+                          "as UTF-8") from None
+    try:
+        data = strict_yaml.load(text)
+    except strict_yaml.DuplicateKeyError as err:
+        raise ConfigError(source, err.key, f"duplicate key on line {err.line} (first on line {err.first_line}); a "
+                          "key may appear once in a mapping") from None
     except yaml.YAMLError as err:
-        raise ConfigError(str(path), "", f"not valid YAML: {err}") from None
+        raise ConfigError(source, "", strict_yaml.describe_error(err)) from None
     if data is None:
-        return {}
+        raise ConfigError(source, "", "the file is empty (or holds only comments); write the settings to use")
     if not isinstance(data, dict):
-        raise ConfigError(str(path), "", "a config file is a mapping of sections")
+        raise ConfigError(source, "", "a config file is a mapping of sections")
     return data
 
 
-def resolve_base(data: dict[str, Any], path: Path) -> dict[str, Any]:
-    """Follow ``base: other.yaml`` (relative to the including file) and merge this file on top."""
+def resolve_base(data: dict[str, Any], path: str | Path, sources: dict[str, str] | None = None,
+                 chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Follow ``base: other.yaml`` (relative to the including file) and merge this file on top.
+
+    A cycle (a includes b includes a) is refused naming it. ``sources``, when given, receives the file that set
+    each dotted key (the last one to write it), so errors can name the file that holds a wrong value."""
+    path = Path(path)
+    chain = (*chain, path)
     base = data.pop("base", None)
-    if base is None:
-        return data
-    base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
-    return deep_merge(resolve_base(read_yaml(base_path), base_path), data)
+    merged: dict[str, Any] = {}
+    if base is not None:
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(str(path), "base", f"expected the path of another run YAML (relative to this file), "
+                              f"got {base!r}")
+        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+        if any(os.path.realpath(base_path) == os.path.realpath(p) for p in chain):
+            cycle = " -> ".join(str(p) for p in (*chain, base_path))
+            raise ConfigError(str(path), "base", f"files include each other in a cycle: {cycle}")
+        if not base_path.exists():
+            raise ConfigError(str(path), "base", f"{base!r} not found (looked for {base_path.absolute()})")
+        merged = resolve_base(read_yaml(base_path), base_path, sources, chain)
+    if sources is not None:
+        _record_sources(data, str(path), sources)
+    return deep_merge(merged, data) if merged else data
+
+
+def _record_sources(values: dict[str, Any], source: str, sources: dict[str, str], prefix: str = "") -> None:
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        sources[dotted] = source
+        if isinstance(value, dict):
+            _record_sources(value, source, sources, dotted)
+        else:  # replaces whatever a base file had below this key
+            for stale in [k for k in sources if k.startswith(dotted + ".")]:
+                del sources[stale]
+
+
+def _source_of(key: str, sources: dict[str, str], default: str) -> str:
+    """The file that set dotted ``key`` (or its nearest parent section); ``default`` when nobody did."""
+    key = re.sub(r"\[\d+\]", "", key)
+    while key:
+        if key in sources:
+            return sources[key]
+        key = key.rpartition(".")[0]
+    return default
+
+
+# top-level keys that mark the other YAML files (workbench ablate / workbench tune) when given to `workbench train`
+_STUDY_KEYS = ("search_space", "run", "n_trials", "objectives", "sampler", "pruner", "enqueue")
+_ABLATION_KEYS = ("variants", "grid", "zip", "repetition", "seeds", "smoke", "parallel")
+
+
+def refuse_other_file_kinds(data: dict[str, Any], path: Path) -> None:
+    """A run file is not an ablation or a study file: say which kind it is and which command takes it."""
+    run_keys = {f.name for f in dataclasses.fields(RunConfig)}
+    study = [k for k in _STUDY_KEYS if k in data and k not in run_keys]
+    if study:
+        raise ConfigError(str(path), study[0], f"this is a study file, not a run config: run it with `workbench "
+                          f"tune {path}` (`workbench train` takes one run's YAML)")
+    ablation = [k for k in _ABLATION_KEYS if k in data and k not in run_keys]
+    if isinstance(data.get("base"), dict) or ablation:
+        key = "base" if isinstance(data.get("base"), dict) else ablation[0]
+        why = "its base: is a mapping" if key == "base" else f"it has {key}:"
+        raise ConfigError(str(path), key, f"this is an ablation file ({why}), not a run config: run it with "
+                          f"`workbench ablate {path}` (`workbench train` takes one run's YAML)")
 
 
 def config_from_dict(values: dict[str, Any], source: str = "<config>") -> RunConfig:
     return build_dataclass(RunConfig, values, source)
 
 
-def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read, merge (``base:``), override and validate a run config."""
+def load_run_config(path: str | Path, overrides: list[str] | None = None, values: dict[str, Any] | None = None,
+                    world_size: int = 1) -> RunConfig:
+    """Read, merge (``base:``), override and validate a run config.
+
+    ``values``: already parsed overrides (nested), applied after ``overrides``; both are reported as the command
+    line. ``world_size``: the number of processes the run will be split over (see :func:`check_processes`).
+    Errors name the file that holds the offending value: a base file, this file or the command line."""
     path = Path(path)
-    data = resolve_base(read_yaml(path), path)
-    data = deep_merge(data, parse_overrides(overrides))
-    return config_from_dict(data, str(path))
+    data = read_yaml(path)
+    refuse_other_file_kinds(data, path)
+    sources: dict[str, str] = {}
+    data = resolve_base(data, path, sources)
+    command_line = deep_merge(parse_overrides(overrides), values or {})
+    _record_sources(command_line, "command line", sources)
+    data = deep_merge(data, command_line)
+    try:
+        config = config_from_dict(data, str(path))
+        check_processes(config, world_size)
+    except ConfigError as err:
+        raise ConfigError(_source_of(err.key, sources, str(path)), err.key, err.message) from None
+    return config
 
 
 def dump_config(config: RunConfig) -> str:

@@ -40,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
     if args.tokenizer == "bert" and args.tokenizer_path is None:
         data["tokenizer"]["path"] = "${data}/tokenizers/bert-base-uncased"
     overrides = deep_merge({"data": data}, parse_overrides(args.override))
-    if args.config:
-        config = load_run_config(args.config, [f"{k}={v}" for k, v in _flatten(overrides)])
+    if args.config:  # flags are taken as given (a --text-column yes or a --train-split 2020 stays a string)
+        config = load_run_config(args.config, values=overrides)
     else:
         config = config_from_dict(overrides, "command line")
     prepared = prepare(config.data, out=args.out, force=args.force)
@@ -55,11 +55,3 @@ def run(args: argparse.Namespace) -> int:
             print(f"  unigram entropy (context-free baseline): {manifest['unigram_entropy']:.4f} nats/token")
     return 0
 
-
-def _flatten(tree: dict, prefix: str = ""):
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            yield from _flatten(value, dotted + ".")
-        else:
-            yield dotted, value

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,10 +15,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", action="store_true", help="validate the config, print it resolved, and stop")
 
 
+def world_size() -> int:
+    """Processes this run is split over: ``WORLD_SIZE`` as Composer's launcher (or torchrun) sets it, else 1."""
+    from workbench.config import ConfigError
+
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        size = int(raw)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ConfigError("environment", "WORLD_SIZE", f"expected a positive number of processes, got {raw!r}")
+    return size
+
+
 def run(args: argparse.Namespace) -> int:
     from workbench.config import dump_config, load_run_config
+    from workbench.paths import check_writable_folder, results_dir
 
-    config = load_run_config(args.config, args.overrides)
+    # everything a user can get wrong is checked here, before data preparation and before the run folder exists
+    config = load_run_config(args.config, args.overrides, world_size=world_size())
+    run_dir = Path(args.run_dir) if args.run_dir is not None else results_dir() / config.name
+    check_writable_folder(run_dir, "results folder", "choose another --run-dir" if args.run_dir is not None else
+                          "set WORKBENCH_RESULTS to a writable folder (or pass --run-dir)")
     if args.check:
         print(dump_config(config), end="")
         return 0
