@@ -214,7 +214,6 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
 
     ``prepared``: already prepared shards (:class:`datasets_prep.corpus.PreparedData`) to use instead of the
     data section's corpus (the benchmark trains on random-token shards of a given shape)."""
-    from composer import Trainer
     from composer.core import Evaluator
     from composer.utils.reproducibility import seed_all
 
@@ -222,6 +221,7 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
     from workbench.algorithms.token_masking import special_token_ids
     from workbench.callbacks import TidyMetricsLogger
     from workbench.data import build_loader
+    from workbench.trainer import WorkbenchTrainer
     run_dir = run_dir_for(config, run_dir)
     state = check_run_dir(config, run_dir, resume)
     downstream = config.eval.downstream
@@ -279,7 +279,7 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
         # Composer 0.32.1 (its last release) formats a timestamp string for every event x callback even when engine
         # debugging is off: ~0.5 ms of host time per step (measured, 1-layer model on CPU), all of it discarded
         Engine._debug_log = lambda self, event, msg: None
-    trainer = Trainer(
+    trainer = WorkbenchTrainer(  # Composer's Trainer without per-step device reads (workbench/trainer.py)
         model=model,
         train_dataloader=train_spec,
         eval_dataloader=evaluators,
@@ -304,6 +304,7 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
         log_to_console=False,
         python_log_level="warning",
         dist_timeout=300,
+        log_interval=config.trainer.log_interval,  # losses read from the device once per interval
     )
     if config.model.compile:
         net.compile()  # in place: parameter names (and checkpoints) stay the same
