@@ -260,3 +260,22 @@ def test_shipped_yaml_files_read_cleanly_and_are_refused_by_train():
                 load_run_config(path)
             assert kind in info.value.message and f"{command} {path}" in info.value.message
     assert load_run_config(REPO_ROOT / "ablations" / "base" / "gpu_small.yaml").name
+
+
+@pytest.mark.parametrize("item", ["=3", ".lr=3", "optimizer..lr=3", "optimizer.=3", " =1"])
+def test_override_keys_must_be_dotted_keys(tmp_path, item):
+    path = write(tmp_path, "name: x\n")
+    with pytest.raises(ConfigError) as info:
+        load_run_config(path, [item])
+    assert (info.value.source, info.value.key) == ("command line", item)
+    assert "dotted key such as optimizer.lr" in info.value.message
+
+
+def test_a_stored_config_with_a_duplicate_key_is_named(tmp_path):
+    from workbench.config import config_differences, config_from_dict, dump_config
+
+    config = config_from_dict({"name": "x"})
+    stored = write(tmp_path, dump_config(config) + "seed: 3\n", "config.yaml")
+    with pytest.raises(ConfigError) as info:
+        config_differences(stored, config)
+    assert (info.value.source, info.value.key) == (str(stored), "seed") and "duplicate key" in info.value.message

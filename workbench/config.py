@@ -678,6 +678,8 @@ def parse_overrides(overrides: list[str] | None, source: str = "command line") -
         if "=" not in item:
             raise ConfigError(source, item, "overrides are written key.sub=value")
         key, raw = item.split("=", 1)
+        if not re.fullmatch(r"[A-Za-z_][\w-]*(\.[\w-]+)*", key.strip()):
+            raise ConfigError(source, item, "overrides are written key.sub=value (a dotted key such as optimizer.lr)")
         try:
             value = strict_yaml.load(raw) if raw != "" else None
         except strict_yaml.DuplicateKeyError as err:
@@ -893,9 +895,12 @@ def config_differences(path: str | Path, config: RunConfig, ignore: tuple[str, .
         raise ConfigError(str(path), "", f"written with config schema {version}, this workbench reads schema "
                           f"{CONFIG_SCHEMA_VERSION}; keys may have changed meaning, so it cannot be compared")
     try:
-        values = yaml.safe_load(text)
+        values = strict_yaml.load(text)
+    except strict_yaml.DuplicateKeyError as err:
+        raise ConfigError(str(path), err.key, f"duplicate key on line {err.line} (first on line {err.first_line})"
+                          ) from None
     except yaml.YAMLError as err:
-        raise ConfigError(str(path), "", f"not valid YAML: {err}") from None
+        raise ConfigError(str(path), "", strict_yaml.describe_error(err)) from None
     stored = config_from_dict(values if values is not None else {}, str(path)).to_dict()
     return [d for d in _value_differences(stored, config.to_dict(), "")
             if not any(d == key or d.startswith((f"{key} ", f"{key}.")) for key in ignore)]
