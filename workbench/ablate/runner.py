@@ -193,7 +193,7 @@ def best_table(runs: list[PlannedRun], outcome: Outcome) -> str:
     from workbench.results import read_summary
 
     summaries = {run.name: read_summary(run.run_dir) or {} for run in runs}
-    metrics = sorted({k for s in summaries.values() for k in s if k.startswith("best_") and not k.endswith("_ppl")})
+    metrics = sorted({k for s in summaries.values() for k in s if k.startswith("best_") and "_ppl" not in k})
     columns = ["variant", "seed", "status", "by", *metrics]
     rows = []
     for run in runs:
