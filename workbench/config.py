@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from workbench import strict_yaml
+from workbench.durations import parse_count, parse_duration
 
 # --------------------------------------------------------------------------------------------------------------
 # errors and small parsers
@@ -34,47 +35,6 @@ class ConfigError(ValueError):
     def __init__(self, source: str, key: str, message: str):
         self.source, self.key, self.message = source, key, message
         super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
-
-
-_SUFFIX = {"": 1, "k": 10**3, "K": 10**3, "m": 10**6, "M": 10**6, "b": 10**9, "B": 10**9, "g": 10**9, "G": 10**9}
-
-
-def parse_count(value: Any) -> int:
-    """Parse a token or item count: ``5000000``, ``"5M"``, ``"2.5k"``, ``"1_000"`` -> int."""
-    if isinstance(value, bool):
-        raise ValueError("expected a count such as 5000000 or '5M', got a boolean")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([kKmMbBgG]?)\s*", value)
-        if match:
-            number = float(match.group(1).replace("_", "")) * _SUFFIX[match.group(2)]
-            if number.is_integer():
-                return int(number)
-    raise ValueError(f"expected a count such as 5000000 or '5M' (suffixes k, M, B), got {value!r}")
-
-
-_DURATION = re.compile(r"([0-9][0-9_]*(?:\.[0-9]+)?)([kKmMbB]?)(ep|ba|tok|sp|dur)")
-
-
-def parse_duration(value: Any) -> str:
-    """Validate a Composer time string; token counts may use suffixes: ``'20ep'``, ``'5Mtok'``, ``'0.5dur'``."""
-    if not isinstance(value, str):
-        raise ValueError(f"expected a duration such as '20ep', '500ba', '5Mtok' or '0.1dur', got {value!r}")
-    match = _DURATION.fullmatch(value.strip())
-    if not match:
-        raise ValueError(f"expected a duration such as '20ep', '500ba', '5Mtok' or '0.1dur', got {value!r}")
-    number, suffix, unit = match.groups()
-    if unit == "dur":
-        if suffix or not 0 <= float(number) <= 1:
-            raise ValueError(f"a 'dur' duration is a fraction of training in [0, 1], got {value!r}")
-        return f"{float(number)}dur"
-    count = parse_count(number + suffix)
-    if count <= 0 and unit != "ba":
-        raise ValueError(f"duration must be positive, got {value!r}")
-    return f"{count}{unit}"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from pathlib import Path
 
 from workbench import claims
 from workbench.ablate.spec import Ablation, PlannedRun, format_count, format_seconds
 from workbench.config import RunConfig
+from workbench.durations import epoch_tokens, split_duration
 
 STARTUP_S = 5.0  # per-run start-up (imports, model and trainer construction) measured for tiny models on CPU
 
@@ -37,38 +37,24 @@ def assess(runs: list[PlannedRun]) -> None:
 
 def planned_epochs(config: RunConfig) -> float:
     """Epochs of the unique-token budget a run will see (from trainer.max_duration)."""
-    unique = (config.data.unique_tokens // config.data.seq_len) * config.data.seq_len
-    value = config.trainer.max_duration
-    number = float(re.match(r"[0-9.]+", value).group(0))  # type: ignore[union-attr]
-    if value.endswith("ep"):
-        return number
-    if value.endswith("tok"):
-        return number / unique
-    if value.endswith("sp"):
-        return number * config.data.seq_len / unique
-    if value.endswith("ba"):
-        return number * config.data.batch_size * config.data.seq_len / unique
-    raise ValueError(value)
+    data = config.data
+    return split_duration(config.trainer.max_duration).epochs(epoch_tokens(data.unique_tokens, data.seq_len),
+                                                              data.seq_len, data.batch_size)
 
 
 def planned_tokens(config: RunConfig) -> int:
-    unique = (config.data.unique_tokens // config.data.seq_len) * config.data.seq_len
-    return round(planned_epochs(config) * unique)
+    return round(planned_epochs(config) * epoch_tokens(config.data.unique_tokens, config.data.seq_len))
 
 
 def _eval_passes(config: RunConfig) -> float:
     """How many validation passes a run makes (Composer also evaluates at the end)."""
-    interval = config.eval.interval
-    number = float(re.match(r"[0-9.]+", interval).group(0))  # type: ignore[union-attr]
-    if interval.endswith("dur"):
-        return 1.0 / number if number else 1.0
-    epochs = planned_epochs(config)
-    unique = (config.data.unique_tokens // config.data.seq_len) * config.data.seq_len
-    per_epoch = {"ep": 1 / number, "tok": unique / number,
-                 "sp": unique / config.data.seq_len / number,
-                 "ba": unique / (config.data.seq_len * config.data.batch_size) / number}
-    unit = next(u for u in ("tok", "ep", "sp", "ba") if interval.endswith(u))
-    return max(1.0, math.floor(epochs * per_epoch[unit] + 1e-9))
+    interval = split_duration(config.eval.interval)
+    if interval.unit == "dur":
+        return 1.0 / interval.amount if interval.amount else 1.0
+    data = config.data
+    unique = epoch_tokens(data.unique_tokens, data.seq_len)
+    per_epoch = 1 / interval.epochs(unique, data.seq_len, data.batch_size)
+    return max(1.0, math.floor(planned_epochs(config) * per_epoch + 1e-9))
 
 
 def _vocab_size(config: RunConfig) -> int:

@@ -18,13 +18,14 @@ from workbench.config import (
     check_keys,
     config_from_dict,
     deep_merge,
-    parse_count,
     read_yaml,
     set_dotted,
 )
+from workbench.durations import parse_count
 
 VARIANT_FILE = "variant.json"
-TOP_KEYS = ("name", "description", "base", "seeds", "variants", "grid", "zip", "repetition", "smoke", "parallel")
+TOP_KEYS = ("name", "description", "base", "seeds", "variants", "grid", "zip", "repetition", "smoke", "parallel",
+            "slurm")
 VARIANT_KEYS = ("name", "description", "grid", "zip")  # everything else in a variant is a run-config override
 SMOKE_KEYS = ("overrides", "seeds", "grid", "zip", "repetition")
 REPETITION_KEYS = ("unique_tokens", "epochs", "total_tokens")
@@ -87,6 +88,7 @@ class Ablation:
     variants: list[Variant]
     seeds: list[int]
     parallel: int | None = None  # the file's default for --parallel
+    slurm: Any = None  # the file's slurm: section (parsed by workbench.ablate.slurm when submitting)
     runs: list[PlannedRun] = field(default_factory=list)
 
 
@@ -456,7 +458,8 @@ def load_ablation(path: str | Path, smoke: bool = False, only: Iterable[str] | N
     parallel = data.get("parallel")
     if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
         raise ConfigError(source, "parallel", f"expected a whole number >= 1, got {parallel!r}")
-    ablation = Ablation(name, path, str(data.get("description") or ""), smoke, variants, seeds, parallel)
+    ablation = Ablation(name, path, str(data.get("description") or ""), smoke, variants, seeds, parallel,
+                        data.get("slurm"))
     for variant in variants:
         for seed in seeds:
             values = deep_merge(deep_merge(base, variant.overrides), smoke_overrides)

@@ -33,6 +33,7 @@ from typing import Any
 import polars as pl
 import yaml
 
+from workbench.durations import epoch_tokens, split_duration
 from workbench.results import CHECKPOINTS, CONFIG_FILE, METRICS_FILE, SCHEMA, read_metadata, read_metrics, read_summary
 
 VARIANT_FILE = "variant.json"
@@ -82,18 +83,17 @@ def _get(tree: dict[str, Any] | None, dotted: str, default: Any = None) -> Any:
 
 
 def planned_epochs_of(config: dict[str, Any]) -> float | None:
-    """Epochs of the unique-token budget the config trains for (from trainer.max_duration)."""
-    duration = str(_get(config, "trainer.max_duration", ""))
-    match = re.fullmatch(r"([0-9.]+)(ep|tok|sp|ba)", duration)
+    """Epochs of the unique-token budget the config trains for (from trainer.max_duration); None when the config
+    does not say."""
     seq_len = int(_get(config, "data.seq_len", 0) or 0)
     unique = int(_get(config, "data.unique_tokens", 0) or 0)
-    if not match or not seq_len or not unique:
+    if not seq_len or not unique:
         return None
-    unique = unique // seq_len * seq_len
-    number, unit = float(match.group(1)), match.group(2)
-    tokens = {"ep": number * unique, "tok": number, "sp": number * seq_len,
-              "ba": number * seq_len * int(_get(config, "data.batch_size", 1))}[unit]
-    return tokens / unique
+    try:
+        duration = split_duration(str(_get(config, "trainer.max_duration", "")))
+        return duration.epochs(epoch_tokens(unique, seq_len), seq_len, int(_get(config, "data.batch_size", 1)))
+    except ValueError:
+        return None
 
 
 def _sampler_name(sampler: dict[str, Any] | None) -> str | None:

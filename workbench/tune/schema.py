@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
-from workbench.config import ConfigError, parse_duration
+from workbench.config import ConfigError
+from workbench.durations import parse_duration
 
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "grid", "nsgaii")
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")

@@ -18,11 +18,11 @@ from workbench.config import (
     check_keys,
     config_from_dict,
     deep_merge,
-    parse_count,
     read_yaml,
     resolve_base,
     set_dotted,
 )
+from workbench.durations import tokens_of_step
 from workbench.paths import results_dir
 from workbench.tune.schema import (
     PARAM_HINT,
@@ -178,11 +178,7 @@ def _steps(value: Any, unique_tokens: int, source: str, key: str) -> Any:
     if value == "auto" or value is None:
         return value
     try:
-        if isinstance(value, str) and value.strip().endswith("ep"):
-            return round(float(value.strip()[:-2]) * unique_tokens)
-        if isinstance(value, str) and value.strip().endswith("tok"):
-            value = value.strip()[:-3]
-        return parse_count(value)
+        return tokens_of_step(value, unique_tokens)
     except ValueError as err:
         raise ConfigError(source, key, f"{err} (pruner steps are tokens seen: 40000, '2M', '2Mtok' or "
                           "'1.5ep')") from None
