@@ -1,0 +1,155 @@
+"""Committed results reproduce, so their numbers cannot silently go stale.
+
+``results/demo`` is the output of ``ablations/demo.yaml`` (``make demo DEMO_OUT=results``). The slow test here
+retrains the first epochs of two of its variants with the same config, in a temporary folder, and compares every
+loss row written up to there with the committed ``metrics.parquet`` rows at the same steps; fast tests check that
+the committed summaries and report tables are what the committed metrics give. ``WORKBENCH_REPRO_REFERENCE``
+points the tests at another results folder of the same ablation (e.g. a fresh ``runs/demo``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from workbench.paths import REPO_ROOT
+from workbench.results import CONFIG_FILE, METRICS_FILE, read_metrics, read_summary
+
+DEMO = REPO_ROOT / "ablations" / "demo.yaml"
+REFERENCE = Path(os.environ.get("WORKBENCH_REPRO_REFERENCE", REPO_ROOT / "results" / "demo"))
+REGENERATE = "rm -rf results/demo && make demo DEMO_OUT=results"
+# mask: input-token masking (the AR path plus the masking RNG stream); mdm: the diffusion loss, its time and mask
+# RNG, and the NELBO estimator; between them every random stream and both validation metrics of the demo
+VARIANTS = ("mask", "mdm")
+EPOCHS = 4  # a third of the demo's 12: past the first PIQA/ARC-Easy evaluation (epoch 3) and the 4ep checkpoint
+TOLERANCE = 1e-3  # nats (and accuracy units); see test_demo_variants_reproduce_the_committed_curves
+COMPARED = {"train": {"loss"}, "val": None, "piqa": {"acc", "acc_norm"}, "arc_easy": {"acc", "acc_norm"}}
+
+
+def compared_rows(frame: pl.DataFrame) -> pl.DataFrame:
+    """The deterministic rows: training loss, every validation metric, task accuracies (not speeds or times)."""
+    keep = pl.lit(False)
+    for split, metrics in COMPARED.items():
+        keep = keep | ((pl.col("split") == split) & (pl.lit(True) if metrics is None else pl.col("metric")
+                                                     .is_in(sorted(metrics))))
+    return frame.filter(keep).select("split", "metric", "step", "value")
+
+
+def curve_mismatches(fresh: pl.DataFrame, reference: pl.DataFrame, tolerance: float = TOLERANCE) -> list[str]:
+    """Rows of ``fresh`` whose (split, metric, step) is missing from ``reference`` or differs by > tolerance."""
+    joined = compared_rows(fresh).join(compared_rows(reference), on=["split", "metric", "step"], how="left",
+                                       suffix="_ref")
+    bad = joined.filter(pl.col("value_ref").is_null() | ((pl.col("value") - pl.col("value_ref")).abs() > tolerance))
+    return [f"{r['split']} {r['metric']} step {r['step']}: now {r['value']:.4f}, committed "
+            + ("missing" if r["value_ref"] is None else f"{r['value_ref']:.4f}")
+            for r in bad.sort("step", "split", "metric").iter_rows(named=True)]
+
+
+def stop_after_epochs(epochs: int):
+    """A Composer callback that ends training after the evaluations of epoch ``epochs``, without changing the
+    schedule up to there (the run keeps its 12-epoch max_duration until the stop)."""
+    from composer.core import Callback
+
+    class StopAfterEpochs(Callback):
+        def eval_after_all(self, state, logger) -> None:
+            if int(state.timestamp.epoch) >= epochs:
+                state.stop_training()
+
+    return StopAfterEpochs()
+
+
+def test_curve_comparison_flags_missing_and_changed_rows():
+    rows = [("train", "loss", 32, 6.0), ("train", "tokens_per_s", 32, 1e4), ("val", "ar_nll", 128, 5.5),
+            ("piqa", "acc", 384, 0.5), ("piqa", "stderr", 384, 0.03)]
+    reference = pl.DataFrame(rows, schema=["split", "metric", "step", "value"], orient="row")
+    same = reference.with_columns(pl.when(pl.col("metric") == "tokens_per_s").then(9e3).otherwise(pl.col("value"))
+                                  .alias("value"))
+    assert curve_mismatches(same, reference) == []  # speeds are not compared
+    assert curve_mismatches(same.with_columns(pl.col("value") + 0.9 * TOLERANCE), reference) == []
+    shifted = same.with_columns(pl.when(pl.col("metric") == "ar_nll").then(5.5021).otherwise(pl.col("value"))
+                                .alias("value"))
+    assert curve_mismatches(shifted, reference) == ["val ar_nll step 128: now 5.5021, committed 5.5000"]
+    later = pl.concat([same, pl.DataFrame([("val", "ar_nll", 256, 5.4)], schema=same.schema, orient="row")])
+    assert curve_mismatches(later, reference) == ["val ar_nll step 256: now 5.4000, committed missing"]
+
+
+def test_committed_summaries_match_their_metrics():
+    """summary.json's best/final values (what the README table quotes) are the committed curves' own."""
+    runs = sorted(REFERENCE.glob(f"*/seed*/{METRICS_FILE}"))
+    assert runs, f"no committed runs under {REFERENCE}"
+    for path in runs:
+        summary, frame = read_summary(path.parent), read_metrics(path)
+        assert summary is not None and frame is not None and summary["status"] == "complete", path.parent
+        val = frame.filter(pl.col("split") == "val").sort("step")
+        for metric in ("ar_nll", "mdm_nelbo"):
+            rows = val.filter(pl.col("metric") == metric)
+            if rows.height:
+                assert summary[f"best_{metric}"] == pytest.approx(rows["value"].min(), abs=1e-12), path.parent
+                assert summary[f"final_{metric}"] == pytest.approx(rows["value"][-1], abs=1e-12), path.parent
+
+
+def test_committed_report_is_the_report_of_the_committed_runs(tmp_path):
+    """results/<ablation>/report/*.csv equal what ``workbench report`` computes from the committed runs today."""
+    from workbench.analysis.report import write_report
+
+    committed = REFERENCE / "report"
+    fresh = write_report(REFERENCE, tmp_path / "report", draw=False).out_dir
+    for name in ("headline", "best_loss", "overfitting", "tokens_to_target", "speedup", "runs"):
+        assert (committed / f"{name}.csv").is_file(), f"{committed / name}.csv missing: regenerate with {REGENERATE}"
+        now, then = pl.read_csv(fresh / f"{name}.csv"), pl.read_csv(committed / f"{name}.csv")
+        assert now.columns == then.columns, f"{name}.csv is stale (columns {then.columns}); regenerate: {REGENERATE}"
+        for column in now.columns:
+            if now[column].dtype.is_float():
+                assert now[column].to_list() == pytest.approx(then[column].to_list(), abs=1e-9, nan_ok=True), \
+                    f"{name}.csv column {column} is stale; regenerate: {REGENERATE}"
+            else:
+                assert now[column].to_list() == then[column].to_list(), f"{name}.csv column {column} is stale"
+
+
+@pytest.mark.slow
+def test_demo_variants_reproduce_the_committed_curves(tmp_path):
+    """Retrain ``mask`` and ``mdm`` of ablations/demo.yaml for their first 4 epochs (same config, same seed, one
+    thread as in ``make demo``'s two parallel runs on 2 cores) and compare training loss, validation metrics and
+    the epoch-3 task accuracies row by row with the committed metrics.parquet (about 1 CPU-minute for both,
+    data preparation included).
+
+    Tolerance 1e-3 nats: on this machine two runs of the same code agree exactly (single-threaded CPU float math
+    is deterministic), so any difference here means the code changed what it computes. Another CPU may round
+    differently (other SIMD widths in the matmul and reduction kernels); such rounding differences are small
+    next to 1e-3 over 4 epochs, while the changes this test exists to catch are far larger (the stale demo's
+    token-masking run is already 0.03 nats off at the first evaluation). The first 4 epochs are as strong as
+    the whole curve for that purpose: every random stream, the loss, the optimizer schedule (the run keeps its
+    12-epoch duration) and both evaluators are exercised, and a change shows in the first rows it touches."""
+    import torch
+
+    from workbench.ablate import load_ablation, prepare_data
+    from workbench.config import config_differences
+    from workbench.train import train
+
+    ablation = load_ablation(DEMO, only=list(VARIANTS), results_root=tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    failures = []
+    try:
+        prepare_data(ablation.runs, log=lambda _: None)
+        for run in ablation.runs:
+            reference = REFERENCE / run.variant.name / f"seed{run.seed}"
+            assert config_differences(reference / CONFIG_FILE, run.config) == [], \
+                f"{DEMO} changed since {reference} was produced; regenerate: {REGENERATE}"
+            train(run.config, run_dir=run.run_dir, extra_callbacks=[stop_after_epochs(EPOCHS)], log=lambda _: None)
+            fresh = read_metrics(run.run_dir / METRICS_FILE)
+            assert fresh is not None and fresh["epoch"].max() == pytest.approx(EPOCHS)
+            # a run evaluates its tasks once more at its last step: the stopped run's end is mid-way in the demo
+            end = fresh["step"].max()
+            fresh = fresh.filter((pl.col("step") < end) | pl.col("split").is_in(["train", "val"]))
+            mismatches = curve_mismatches(fresh, read_metrics(reference / METRICS_FILE))
+            if mismatches:
+                failures.append(f"{run.variant.name}: {len(mismatches)} rows differ, first: "
+                                + "; ".join(mismatches[:3]))
+    finally:
+        torch.set_num_threads(threads)
+    assert not failures, (f"{REFERENCE} no longer reproduces (tolerance {TOLERANCE}): " + " | ".join(failures)
+                          + f". Regenerate it and its report: {REGENERATE}")
