@@ -161,3 +161,16 @@ def test_run_group_from_the_files_ablations_and_studies_leave(tmp_path):
 def test_flatten_gives_scalar_parameters():
     assert flatten({"a": {"b": 1, "c": [1, 2], "d": None}}, "config") == {
         "config.a.b": 1, "config.a.c": "[1, 2]", "config.a.d": "null"}
+
+
+def test_turning_a_tracker_on_does_not_make_a_stored_run_a_different_run(tiny_config, tmp_path):
+    """Trackers only mirror the rows: adding loggers: to an ablation must not refuse its completed runs."""
+    from workbench.config import dump_config
+    from workbench.results import write_summary
+    from workbench.train import check_run_dir
+
+    stored = tiny_config({"name": "r"})
+    (tmp_path / "config.yaml").write_text(dump_config(stored))
+    write_summary(tmp_path, status="complete")
+    assert check_run_dir(tiny_config({"name": "r", "loggers": {"tensorboard": {}}}), tmp_path, resume=True) == \
+        "complete"

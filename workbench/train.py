@@ -63,7 +63,7 @@ def check_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> str:
     if not config_path.exists():
         return "new"
     try:  # by value: a key added to the schema since the run was stored takes its default and changes nothing
-        differences = config_differences(config_path, config)
+        differences = config_differences(config_path, config, ignore=("loggers",))  # trackers change no result
     except ConfigError as err:
         raise RunExistsError(f"{run_dir} holds a run with a different config that cannot be compared ({err}); "
                              "refusing to mix results: choose another run name or delete the folder") from None

@@ -40,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 autocast on GPU, fp32 on CPU")
     parser.add_argument("--out", help=f"tidy rows file (default <run>/{DOWNSTREAM_FILE})")
+    parser.add_argument("--harness", nargs="+", metavar="TASK",
+                        help="run lm-evaluation-harness tasks instead (wb_piqa, wb_arc_easy... read the bundled "
+                        "files offline; any harness task name works where the harness can load it); --limit is "
+                        "then the harness's (first N documents); needs the harness extra")
+    parser.add_argument("--num-fewshot", type=int, help="harness few-shot examples (with --harness)")
 
 
 def downstream_settings(base: Any, args: argparse.Namespace) -> Any:
@@ -112,6 +117,7 @@ def tidy_row(loaded, split: str, metric: str, value: float, wall_time: float) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
     import time
 
     import torch
@@ -122,6 +128,12 @@ def run(args: argparse.Namespace) -> int:
     from workbench.evaluation.tasks import check_tasks, evaluate_task, prepare_task
     from workbench.progress import Progress
 
+    if getattr(args, "harness", None):  # lm-evaluation-harness tasks through the registered workbench model
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError("command line", "--harness", "needs lm-evaluation-harness: pip install -e '.[harness]'")
+        from workbench.evaluation.harness import run_cli
+
+        return run_cli(args)
     device = pick_device(args.device)
     loaded = load_run(args.checkpoint, device)
     settings = downstream_settings(loaded.config.eval.downstream, args)
