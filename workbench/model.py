@@ -21,6 +21,8 @@ try:  # optional GPU extra
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
 
+FLASH_DEVICES = ("cuda",)  # where flash-attn's kernel runs (tests/test_gpu_paths.py puts a stand-in on the CPU)
+
 
 @dataclass
 class TransformerConfig:
@@ -75,7 +77,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         dropout_p = self.attn_dropout.p if self.training else 0.0
-        if self._use_flash(q, attn_mask):
+        if self._use_flash(q, attn_mask):  # flash-attn takes and returns (B, L, H, D)
             y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
                                 causal=causal).transpose(1, 2)
         else:
@@ -85,9 +87,11 @@ class Attention(nn.Module):
         return self.resid_dropout(self.proj(y))
 
     def _use_flash(self, q: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
+        """flash-attn for 'auto' and 'flash' where it can run: installed, on a GPU, fp16/bf16 (autocast), and no
+        explicit mask (prefix-LM masks go through SDPA)."""
         if self.backend == "sdpa" or attn_mask is not None or flash_attn_func is None:
             return False
-        return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        return q.device.type in FLASH_DEVICES and q.dtype in (torch.float16, torch.bfloat16)
 
 
 class MLP(nn.Module):
