@@ -375,7 +375,7 @@ class EvalConfig:
 @dataclass
 class TrainerConfig:
     max_duration: str = field(default="2ep", metadata={"parse": parse_duration})
-    device: Literal["auto", "cpu", "gpu"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "gpu"] = "auto"  # gpu: the same as cuda (workbench.devices)
     precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16"] = "auto"  # auto: amp_bf16 on GPU, fp32 on CPU
     microbatch_size: int | None = None
     grad_clip_norm: float | None = 1.0

@@ -21,11 +21,21 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from workbench.run_files import (  # noqa: F401 (the run-folder names, re-exported beside their readers)
+    CHECKPOINTS,
+    CONFIG_FILE,
+    DOWNSTREAM_FILE,
+    LATEST_CHECKPOINT,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    TRAIN_LOG,
+    VARIANT_FILE,
+)
+
 SCHEMA = {
     "run": pl.String, "step": pl.Int64, "epoch": pl.Float64, "tokens_seen": pl.Int64, "unique_tokens": pl.Int64,
     "split": pl.String, "metric": pl.String, "value": pl.Float64, "wall_time": pl.Float64,
 }
-METRICS_FILE, SUMMARY_FILE, CONFIG_FILE, CHECKPOINTS = "metrics.parquet", "summary.json", "config.yaml", "checkpoints"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

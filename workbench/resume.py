@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workbench.results import CHECKPOINTS, METRICS_FILE, metrics_problem, rows_from_bytes
+from workbench.results import CHECKPOINTS, LATEST_CHECKPOINT, METRICS_FILE, metrics_problem, rows_from_bytes
 
-LATEST_CHECKPOINT = "latest-rank0.pt"
 ROWS_KEY = "rows"  # TidyMetricsLogger's state in a checkpoint: metrics.parquet's rows up to it, as parquet bytes
 
 

@@ -39,9 +39,8 @@ from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 
 from workbench.config import ConfigError, RunConfig
-from workbench.results import SUMMARY_FILE, MetricsWriter
+from workbench.results import SUMMARY_FILE, VARIANT_FILE, MetricsWriter
 
-VARIANT_FILE = "variant.json"  # written by the ablation runner into each run folder
 INSTALL_HINT = "pip install -e '.[trackers]'"
 _PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 

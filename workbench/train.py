@@ -19,8 +19,6 @@ from workbench.config import ConfigError, RunConfig, dump_config
 from workbench.paths import results_dir
 from workbench.results import CHECKPOINTS, CONFIG_FILE, MetricsWriter, read_summary, write_summary
 
-LATEST_CHECKPOINT = "latest-rank0.pt"
-
 
 class RunExistsError(RuntimeError):
     """A run folder already holds a different config, or a run that was not asked to resume."""
@@ -81,11 +79,10 @@ def check_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> str:
 
 
 def _device(config: RunConfig) -> str:
-    if config.trainer.device != "auto":
-        if config.trainer.device == "gpu" and not torch.cuda.is_available():
-            raise ConfigError("config", "trainer.device", "gpu requested but no CUDA device is available")
-        return config.trainer.device
-    return "gpu" if torch.cuda.is_available() else "cpu"
+    """Composer's name (``gpu``/``cpu``) of the device trainer.device resolves to."""
+    from workbench.devices import composer_device, resolve_device
+
+    return composer_device(resolve_device(config.trainer.device, "config", "trainer.device"))
 
 
 def _precision(config: RunConfig, device: str) -> str:

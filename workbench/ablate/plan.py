@@ -75,12 +75,12 @@ def measured_throughput(root: Path, runs: list[PlannedRun]) -> dict[tuple, tuple
 
     import polars as pl
 
-    from workbench.results import METRICS_FILE, read_metrics
+    from workbench.results import CHECKPOINTS, METRICS_FILE, read_metrics
 
     keys = {run.run_dir.resolve(): shape_key(run.config) for run in runs}
     by_key: dict[tuple, list[float]] = {}
     for path in sorted(root.rglob(METRICS_FILE)) if root.is_dir() else []:
-        if "checkpoints" in path.parts:
+        if CHECKPOINTS in path.parts:
             continue
         key = keys.get(path.parent.resolve())
         if key is None:
@@ -99,6 +99,7 @@ def probe_throughput(config: RunConfig, steps: int = 4, threads: int | None = No
     """Tokens/s of a few AdamW steps of this model on random tokens (no data preparation needed)."""
     import torch
 
+    from workbench.devices import resolve_device
     from workbench.model import Transformer, TransformerConfig
     from workbench.objectives import ar_loss
 
@@ -106,7 +107,8 @@ def probe_throughput(config: RunConfig, steps: int = 4, threads: int | None = No
     if threads:
         torch.set_num_threads(threads)
     try:
-        device = "cuda" if torch.cuda.is_available() and config.trainer.device != "cpu" else "cpu"
+        # a planning machine without the run's GPU still gets an estimate (the run itself refuses to start there)
+        device = resolve_device("cpu" if config.trainer.device == "cpu" else "auto")
         vocab = _vocab_size(config)
         net = Transformer(TransformerConfig(vocab_size=vocab, max_seq_len=config.data.seq_len,
                                             n_layers=config.model.n_layers, d_model=config.model.d_model,

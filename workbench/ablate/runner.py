@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from workbench import claims
-from workbench.ablate.spec import VARIANT_FILE, Ablation, PlannedRun, format_seconds
+from workbench.ablate.spec import Ablation, PlannedRun, format_seconds
+from workbench.run_files import CHECKPOINTS, CONFIG_FILE, TRAIN_LOG, VARIANT_FILE
 
 POLL_S = 1.0  # how often runs held by other processes are looked at again
 
@@ -57,7 +58,7 @@ def write_run_files(run: PlannedRun, ablation: Ablation) -> None:
     from workbench.results import atomic_write_bytes
 
     write_variant_file(run, ablation)
-    atomic_write_bytes(run.run_dir / "config.yaml", dump_config(run.config).encode())
+    atomic_write_bytes(run.run_dir / CONFIG_FILE, dump_config(run.config).encode())
 
 
 def _best_text(summary: dict[str, Any]) -> str:
@@ -110,7 +111,7 @@ def make_slots(parallel: int, devices: list[str] | None, launcher: str, nproc: i
 
 
 def subprocess_command(run: PlannedRun, slot: Slot, launcher: str) -> list[str]:
-    train_args = ["train", str(run.run_dir / "config.yaml"), "--run-dir", str(run.run_dir), "--resume"]
+    train_args = ["train", str(run.run_dir / CONFIG_FILE), "--run-dir", str(run.run_dir), "--resume"]
     if launcher == "composer":
         return [sys.executable, "-m", "composer.cli", "-n", str(slot.nproc), "--master_port", str(slot.port),
                 "-m", "workbench.cli", *train_args]
@@ -329,7 +330,7 @@ class Runner:
         start = time.time()
         try:
             write_run_files(run, self.ablation)
-            log_path = run.run_dir / "checkpoints" / "train.log"
+            log_path = run.run_dir / CHECKPOINTS / TRAIN_LOG
             log_path.parent.mkdir(parents=True, exist_ok=True)
             where = f" on GPU {','.join(slot.devices)}" if slot.devices else ""
             self.log(f"[ablate] start {run.name} ({run.state}){where}; log {log_path}")

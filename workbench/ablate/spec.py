@@ -22,8 +22,8 @@ from workbench.config import (
     set_dotted,
 )
 from workbench.durations import parse_count
+from workbench.run_files import VARIANT_FILE  # noqa: F401 (ablate.VARIANT_FILE)
 
-VARIANT_FILE = "variant.json"
 TOP_KEYS = ("name", "description", "base", "seeds", "variants", "grid", "zip", "repetition", "smoke", "parallel",
             "slurm")
 VARIANT_KEYS = ("name", "description", "grid", "zip")  # everything else in a variant is a run-config override

@@ -34,9 +34,17 @@ import polars as pl
 import yaml
 
 from workbench.durations import epoch_tokens, split_duration
-from workbench.results import CHECKPOINTS, CONFIG_FILE, METRICS_FILE, SCHEMA, read_metadata, read_metrics, read_summary
+from workbench.results import (
+    CHECKPOINTS,
+    CONFIG_FILE,
+    METRICS_FILE,
+    SCHEMA,
+    VARIANT_FILE,
+    read_metadata,
+    read_metrics,
+    read_summary,
+)
 
-VARIANT_FILE = "variant.json"
 RUN_COLUMNS = ["run_name", "ablation", "variant", "group", "repetition", "seed", "order", "run_dir", "status",
                "objective", "val_metric", "ar_fraction", "time_sampler", "token_masking", "token_masking_replacement",
                "dropout_mlp", "dropout_attention", "weight_decay", "regularizer", "strength", "planned_epochs",

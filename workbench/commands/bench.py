@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 from workbench.bench import SHAPES
+from workbench.devices import DEVICE_CHOICES, DEVICE_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", default=None, choices=list(SHAPES),
                         help="model/batch shape (default: tiny on CPU, gpt2-1024 on CUDA)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help=DEVICE_HELP)
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on CPU, 50 on CUDA)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 CPU, 10 CUDA)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both paths")
@@ -22,11 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from workbench.bench import format_table, run_benchmark
+    from workbench.devices import resolve_device
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     gpu = device == "cuda"
     result = run_benchmark(args.shape or ("gpt2-1024" if gpu else "tiny"), device,
                            args.steps or (50 if gpu else 10), args.warmup if args.warmup is not None else

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from workbench.devices import DEVICE_CHOICES, DEVICE_HELP
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a run folder (uses checkpoints/latest-rank0.pt) or a .pt file in it")
@@ -28,8 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="samples generated together")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ppl-model", help="AR run/checkpoint that scores the samples (generative perplexity)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "gpu"], default="auto",
-                        help="gpu: same as cuda")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help=DEVICE_HELP)
     parser.add_argument("--out", help="write the samples as JSON lines to this file")
     parser.add_argument("--rows", help="tidy rows file (default <run>/downstream.parquet)")
 
@@ -91,12 +92,14 @@ def _sample(args: argparse.Namespace, model: Any, prompt: list[int], length: int
 
 def run(args: argparse.Namespace) -> int:
     from workbench.config import ConfigError
+    from workbench.devices import resolve_device
     from workbench.evaluation.checkpoint import load_run
-    from workbench.evaluation.cli import DOWNSTREAM_FILE, pick_device, tidy_file, tidy_row
+    from workbench.evaluation.cli import tidy_file, tidy_row
     from workbench.evaluation.generate import generative_perplexity, token_entropy
+    from workbench.results import DOWNSTREAM_FILE
 
     _check_flags(args)
-    device = pick_device("gpu" if args.device == "cuda" else args.device)
+    device = resolve_device(args.device)
     loaded = load_run(args.checkpoint, device)
     model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
     objective = config.objective.name

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from workbench.devices import resolve_device
+
 BENCH_MODEL = {"n_layers": 2, "d_model": 128, "n_heads": 4}
 
 
@@ -54,9 +56,7 @@ def eval_throughput(device: str = "cpu", task: str = "hellaswag", items: int = 3
     from workbench.evaluation.tasks import evaluate_task, prepare_task
     from workbench.tokenizer import load_tokenizer
 
-    device = "cuda" if device in ("gpu", "cuda") else device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("no CUDA device available")
+    device = resolve_device(device)
     tokenizer = load_tokenizer(TokenizerConfig(kind="gpt2"))
     autocast = torch.bfloat16 if device == "cuda" else None
     models: dict[str, Any] = {}

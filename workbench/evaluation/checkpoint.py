@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from workbench.config import RunConfig, load_run_config
-from workbench.results import CHECKPOINTS, CONFIG_FILE, METRICS_FILE, read_metadata, read_summary
-from workbench.resume import LATEST_CHECKPOINT as LATEST
+from workbench.results import CHECKPOINTS, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metadata, read_summary
+from workbench.results import LATEST_CHECKPOINT as LATEST
 from workbench.resume import CheckpointError, read_checkpoint
 
 
@@ -79,7 +79,7 @@ def _load_tokenizer(run_dir: Path, config: RunConfig):
                 break
     if tokenizer is None:
         if config.data.tokenizer.kind == "bpe":
-            where = ", ".join(tried) or f"{run_dir / 'summary.json'} names no prepared shards"
+            where = ", ".join(tried) or f"{run_dir / SUMMARY_FILE} names no prepared shards"
             raise FileNotFoundError(f"the run's trained BPE tokenizer was not found ({where}); re-create it with "
                                     f"`workbench prep {run_dir / CONFIG_FILE}`")
         tokenizer = load_tokenizer(config.data.tokenizer)

@@ -19,7 +19,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-DOWNSTREAM_FILE = "downstream.parquet"
+from workbench.devices import DEVICE_CHOICES, DEVICE_HELP, resolve_device
+from workbench.run_files import DOWNSTREAM_FILE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg-weight", type=float, help="unsupervised classifier-free guidance weight w")
     parser.add_argument("--batch-size", type=int, help="rows per forward pass")
     parser.add_argument("--seed", type=int, help="item subset and estimator noise seed")
-    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help=DEVICE_HELP)
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 autocast on GPU, fp32 on CPU")
     parser.add_argument("--out", help=f"tidy rows file (default <run>/{DOWNSTREAM_FILE})")
@@ -84,18 +85,6 @@ def downstream_settings(base: Any, args: argparse.Namespace) -> Any:
     return build_dataclass(DownstreamConfig, values, "command line", "eval.downstream")
 
 
-def pick_device(choice: str) -> str:
-    import torch
-
-    if choice == "gpu" and not torch.cuda.is_available():
-        from workbench.config import ConfigError
-
-        raise ConfigError("command line", "--device", "gpu requested but no CUDA device is available")
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if choice == "gpu" else "cpu"
-
-
 def tidy_file(path: Path, metadata: dict[str, Any]):
     """A MetricsWriter (the one results writer) on ``path`` instead of ``<run>/metrics.parquet``, holding the
     file's existing rows; ``metadata`` values are merged into the file's existing metadata of the same key."""
@@ -134,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         from workbench.evaluation.harness import run_cli
 
         return run_cli(args)
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     loaded = load_run(args.checkpoint, device)
     settings = downstream_settings(loaded.config.eval.downstream, args)
     check_tasks(settings.tasks, "command line")

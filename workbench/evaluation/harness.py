@@ -51,15 +51,9 @@ ROWS_PER_CHUNK = 256  # requests scored together (sorted by length, so padding s
 
 def torch_device(choice: Any) -> torch.device:
     """``auto`` (CUDA when there is one), ``cpu``, ``gpu``/``cuda``/``cuda:N`` (the harness passes its --device)."""
-    choice = "auto" if choice in (None, "", "auto") else str(choice)
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    choice = "cuda" if choice == "gpu" else choice
-    if choice.startswith("cuda") and not torch.cuda.is_available():
-        from workbench.config import ConfigError
+    from workbench.devices import resolve_device
 
-        raise ConfigError("command line", "--device", f"{choice} requested but no CUDA device is available")
-    return torch.device(choice)
+    return torch.device(resolve_device("auto" if choice in (None, "") else str(choice)))
 
 
 def request_rows(tokenizer, pairs: list[tuple[str, str]], seq_len: int) -> tuple[list[list[int]], list[int]]:

@@ -138,8 +138,15 @@ def _adopt_attempt(previous: Path, run_dir: Path, config: RunConfig, log: Callab
     import polars as pl
 
     from workbench.config import ConfigError, config_differences, dump_config
-    from workbench.results import CHECKPOINTS, CONFIG_FILE, METRICS_FILE, read_metrics, read_summary, write_summary
-    from workbench.train import LATEST_CHECKPOINT
+    from workbench.results import (
+        CHECKPOINTS,
+        CONFIG_FILE,
+        LATEST_CHECKPOINT,
+        METRICS_FILE,
+        read_metrics,
+        read_summary,
+        write_summary,
+    )
 
     try:  # the same run identity as workbench.train.check_run_dir: by value, defaults filled, name aside
         if config_differences(previous / CONFIG_FILE, config, ignore=("name",)):
