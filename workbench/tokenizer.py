@@ -19,6 +19,9 @@ from workbench.paths import expand
 
 EOS = "<|endoftext|>"
 MASK = "<|mask|>"
+# ids of the file-based tokenizers, added tokens included (GPT-2: 50,257 + the mask token; bert-base-uncased:
+# 30,522, its [SEP] and [MASK] serve as EOS and mask); tests check them against the loaded tokenizers
+VOCAB_SIZES = {"gpt2": 50258, "bert": 30522}
 
 
 @dataclass
@@ -83,6 +86,11 @@ def _special_ids(tok: Tokenizer) -> tuple[int, int]:
     if eos is None or mask is None:
         raise ValueError("tokenizer has no end-of-document or mask token")
     return eos, mask
+
+
+def vocab_size_of(cfg: TokenizerConfig) -> int:
+    """The vocabulary size a config gives, without loading or training the tokenizer (time estimates)."""
+    return cfg.vocab_size if cfg.kind == "bpe" else VOCAB_SIZES[cfg.kind]
 
 
 def load_tokenizer(cfg: TokenizerConfig, training_texts: Iterable[str] | None = None) -> TextTokenizer:

@@ -12,6 +12,7 @@ from workbench import claims
 from workbench.ablate.spec import Ablation, PlannedRun, format_count, format_seconds
 from workbench.config import RunConfig
 from workbench.durations import epoch_tokens, split_duration
+from workbench.tokenizer import vocab_size_of
 
 STARTUP_S = 5.0  # per-run start-up (imports, model and trainer construction) measured for tiny models on CPU
 
@@ -57,15 +58,10 @@ def _eval_passes(config: RunConfig) -> float:
     return max(1.0, math.floor(planned_epochs(config) * per_epoch + 1e-9))
 
 
-def _vocab_size(config: RunConfig) -> int:
-    tokenizer = config.data.tokenizer
-    return tokenizer.vocab_size if tokenizer.kind == "bpe" else {"gpt2": 50258, "bert": 30523}[tokenizer.kind]
-
-
 def shape_key(config: RunConfig) -> tuple:
     """Runs with equal keys train at the same speed (objectives and regularizers cost about the same)."""
     m, d = config.model, config.data
-    return (m.n_layers, m.d_model, m.n_heads, m.mlp_ratio, d.seq_len, d.batch_size, _vocab_size(config),
+    return (m.n_layers, m.d_model, m.n_heads, m.mlp_ratio, d.seq_len, d.batch_size, vocab_size_of(d.tokenizer),
             config.trainer.precision, config.trainer.device)
 
 
@@ -109,7 +105,7 @@ def probe_throughput(config: RunConfig, steps: int = 4, threads: int | None = No
     try:
         # a planning machine without the run's GPU still gets an estimate (the run itself refuses to start there)
         device = resolve_device("cpu" if config.trainer.device == "cpu" else "auto")
-        vocab = _vocab_size(config)
+        vocab = vocab_size_of(config.data.tokenizer)
         net = Transformer(TransformerConfig(vocab_size=vocab, max_seq_len=config.data.seq_len,
                                             n_layers=config.model.n_layers, d_model=config.model.d_model,
                                             n_heads=config.model.n_heads, mlp_ratio=config.model.mlp_ratio,
