@@ -5,12 +5,16 @@ eq. 10): -log p(x) <= E_{t~U(0,1)} E_{x_t~q(.|x, t)} [ (1/t) * sum_{i: x_t^i = M
 
 Convention (MDLM's, used by training, validation and MC-ELBO scoring): NELBO = E_{t~U(eps,1)}[(1/t) sum_masked -log p],
 i.e. the integral over [eps, 1] divided by (1 - eps); exact-count masking uses eps = 0 (t on (0, 1)).
+It bounds -log p_theta(x) only at eps = 0: with eps > 0 it is the truncated-integral estimate MDLM reports,
+which can fall below -log p_theta(x) for single sequences (by ~1e-3 nats at eps = 1e-3 on an enumerable toy).
 
 Exact-count masking (k = ceil(n t) of n positions) gives the discrete any-order form with weight n/k
 (Ou et al. 2024, RADD eq. 7; Nie et al. 2024, SMDM); k >= 1 already bounds the weight, so it needs no eps and
 k is uniform on {1..n} under uniform t. A non-uniform time density pi(t) is importance-corrected (``elbo``
 weighting: weight * u(t) / pi(t), u the uniform density on [eps, 1]) so the loss stays an unbiased estimate of
 the same NELBO, or used as-is (``sampled``: weight 1/t or n/k at t ~ pi, equal to ``elbo`` for uniform samplers).
+Unbiased is not low-variance: logit-normal and Beta(a >= 2 or b >= 2) densities vanish at the ends of (0, 1),
+so their ``elbo`` weights have infinite variance and the estimate converges very slowly (config warns about it).
 The functional forms take plain arguments (sampler name and parameters, rates, ids), not config dataclasses.
 """
 

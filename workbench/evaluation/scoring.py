@@ -8,8 +8,10 @@ estimated), the estimator's standard error and whether every continuation token 
 - ``mc-elbo``: the masked-diffusion ELBO of the continuation given the visible context, Monte Carlo over N
   stratified times. ``exact`` masking (SMDM/LLaDA; RADD eq. 7): l = ceil(n t) of the n continuation tokens masked,
   weight n/l, t_k = (k + u_k)/N; ``bernoulli`` (MDLM eq. 10): each token masked with rate t, weight 1/t,
-  t_k in [eps, 1]. Per-row standard error = sample std / sqrt(N) (conservative for stratified t). For a model
-  whose predictions ignore which tokens are masked the ELBO equals the exact log-likelihood.
+  t_k in [eps, 1]. Per-row standard error = sample std / sqrt(N) (conservative for stratified t). It bounds
+  log p_theta(continuation | context) of the any-order reverse process (exact masking, or bernoulli at eps = 0;
+  with eps > 0 the bernoulli form is MDLM's truncated estimate, not strictly a bound); equality holds when the
+  model's conditionals are consistent, i.e. the exact conditionals of one joint distribution.
 - ``chain``: chain rule left to right, log p(x_j | context, x_<j, [MASK] * (n - j)), one forward per token. It is
   the exact likelihood of left-to-right decoding (for shifted models, of the AR-compatible factorisation).
 - ``pll``: pseudo-log-likelihood (Salazar et al. 2020): sum_j log p(x_j | all other tokens), one token masked.
