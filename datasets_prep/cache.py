@@ -72,7 +72,10 @@ def publish_dir(tmp: Path, out: Path) -> None:
 @contextlib.contextmanager
 def exclusive(target: Path, waiting: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold the inter-process lock of ``target`` (the lock file ``.<name>.lock`` beside it). ``waiting`` is called
-    once when another process holds it. Raises ``OSError`` when the lock file cannot be created there."""
+    once when another process holds it. Raises ``OSError`` when the lock file cannot be created there.
+
+    The workbench's one file lock: prepared outputs, Streaming's shared-memory registration
+    (:func:`workbench.data.streaming_registration_lock`) and a local MLflow store (workbench.trackers)."""
     lock_path = target.with_name(f".{target.name}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(lock_path))

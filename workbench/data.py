@@ -7,7 +7,6 @@ iterator then never draws from the global RNG, which would otherwise make a run 
 
 from __future__ import annotations
 
-import fcntl
 import os
 import tempfile
 import uuid
@@ -96,12 +95,10 @@ def streaming_registration_lock() -> Iterator[None]:
     if dist.get_world_size() > 1:
         yield
         return
-    with open(Path(tempfile.gettempdir()) / "workbench_streaming_register.lock", "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    from datasets_prep.cache import exclusive
+
+    with exclusive(Path(tempfile.gettempdir()) / "workbench_streaming_register"):
+        yield
 
 
 def build_loader(path: str | Path, global_batch_size: int, shuffle: bool, seed: int,

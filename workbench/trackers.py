@@ -26,11 +26,9 @@ pyarrow pin). MLflow 2's SQL stores do not run on SQLAlchemy 2.1 (Optuna's), hen
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,19 +164,6 @@ class TrackerBridge(LoggerDestination):
         self.inner.post_close()
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Parallel runs of one ablation share one SQLite store: creating its tables or the experiment twice at
-    once fails, so that happens under an exclusive lock."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _local_store(uri: str) -> Path | None:
     """The folder or database file of a local MLflow store (None for a server)."""
     for prefix in ("sqlite:///", "file://", "file:"):
@@ -211,8 +196,12 @@ def build_trackers(config: RunConfig, run_dir: Path, writer: MetricsWriter, resu
         uri = cfg.mlflow.tracking_uri or (root / "mlruns").resolve().as_uri()
         experiment = cfg.mlflow.experiment or group["group"] or "workbench"
         store = _local_store(uri)
-        lock = _file_lock(store.with_name(store.name + ".lock")) if store else contextlib.nullcontext()
-        with lock:  # the constructor creates the store (first use) and the experiment
+        # parallel runs of one ablation share one local store: creating its tables or the experiment twice at once
+        # fails, so the constructor (which creates the store on first use, and the experiment) runs under its lock
+        from datasets_prep.cache import exclusive
+
+        lock = exclusive(store) if store else contextlib.nullcontext()
+        with lock:
             inner = MLFlowLogger(experiment_name=experiment, run_name=config.name, tracking_uri=uri,
                                  tags=dict(group["tags"]), run_group=group["group"], resume=resume,
                                  log_system_metrics=False)

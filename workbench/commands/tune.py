@@ -22,11 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import optuna
 
+    from datasets_prep.corpus import prepare
     from workbench.config import ConfigError
     from workbench.tune.spec import load_study_spec
     from workbench.tune.study import connect, default_storage, open_study
     from workbench.tune.summary import summarize
-    from workbench.tune.worker import prepare_data, work, worker_id
+    from workbench.tune.worker import work, worker_id
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.workers < 1:
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     open_study(spec, storage, url, log)
     _, values = spec.trial_values(lambda p: p.representatives()[0])
-    prepare_data(spec.trial_config(values, None, spec.seeds[0]), log)  # once, before any worker trains
+    prepare(spec.trial_config(values, None, spec.seeds[0]).data, log=log)  # once, before any worker trains
     if args.workers > 1:
         return spawn_workers(args, url, args.workers, log)
     try:

@@ -68,13 +68,6 @@ def _reporter_class() -> type:
     return TrialReporter
 
 
-def prepare_data(config: RunConfig, log: Callable[[str], None]) -> None:
-    """Concurrent workers share the shards: prepare() locks and publishes each output itself."""
-    from datasets_prep.corpus import prepare
-
-    prepare(config.data, log=log)
-
-
 def _quiet(log: Callable[[str], None]) -> Callable[[str], None]:
     """Trials share shards: drop the 'already prepared' lines every trial would print."""
     return lambda message: None if "already prepared" in message else log(message)
@@ -195,6 +188,7 @@ def _mark_lost(spec: StudySpec, previous_number: int, number: int) -> None:
 def run_trial(spec: StudySpec, trial: optuna.Trial, frozen: optuna.trial.FrozenTrial,
               log: Callable[[str], None]) -> list[float]:
     """Train the trial's run(s) through workbench.train.train and return its objective value(s)."""
+    from datasets_prep.corpus import prepare
     from workbench import train as training
     from workbench.results import write_summary
 
@@ -213,7 +207,7 @@ def run_trial(spec: StudySpec, trial: optuna.Trial, frozen: optuna.trial.FrozenT
             trial.set_user_attr("resumed_from", previous)
         run_dir.mkdir(parents=True, exist_ok=True)  # train() merges its fields into this summary
         write_summary(run_dir, study=spec.name, trial=trial.number, params=params)
-        prepare_data(config, log)
+        prepare(config.data, log=log)  # workers share the shards: prepare() locks and publishes each output itself
         callbacks = []
         if index == 0 and len(spec.objectives) == 1:
             callbacks.append(_reporter_class()(trial, spec.objectives[0], spec.pruner["name"] != "none"))
