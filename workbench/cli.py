@@ -23,15 +23,25 @@ COMMANDS = {
 }
 
 
+def global_options(default: object = None) -> argparse.ArgumentParser:
+    """Options every command takes, before or after the command name (``workbench --data-dir D train X`` and
+    ``workbench train X --data-dir D``). After the name they default to SUPPRESS, so an option given before it is
+    not reset by the subcommand's parser."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--data-dir", default=default, help="data folder (default: $WORKBENCH_DATA or ../shared/data)")
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workbench", description="Data-efficiency ablation workbench: AR vs. "
-                                     "masked diffusion under repeated data (Composer + Streaming + Optuna).")
-    parser.add_argument("--data-dir", help="data folder (default: $WORKBENCH_DATA or ../shared/data)")
+                                     "masked diffusion under repeated data (Composer + Streaming + Optuna).",
+                                     parents=[global_options()])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    after = [global_options(argparse.SUPPRESS)]
     modules = {}
     for name, (module_name, help_text) in COMMANDS.items():
         modules[name] = module = importlib.import_module(module_name)
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text, parents=after))
     args, extra = parser.parse_known_args(argv)
     if extra:  # KEY=VALUE overrides written after an option (argparse stops positionals at the first flag)
         if not hasattr(args, "overrides") or any("=" not in item or item.startswith("-") for item in extra):
