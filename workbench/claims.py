@@ -254,17 +254,19 @@ class Claim:
 
     def beat(self) -> None:
         """Refresh the heartbeat (or notice a lost claim / an adopting child)."""
-        if self.released:
+        if self.released or self not in _HEARTBEAT.claims:
             return
-        if not self.still_ours():
+        ours = self.still_ours()
+        if self.handed_over:  # the child (or job) holds it once it has adopted it: never stop this process for it
+            record = _load(self.path) or {}
+            if not ours or record.get("job") or (record.get("pid"), record.get("host")) != (
+                    os.getpid(), self.record["host"]):
+                _HEARTBEAT.drop(self)
+                return
+        elif not ours:
             _HEARTBEAT.drop(self)
             (self.on_lost or _exit_lost)(self)
             return
-        if self.handed_over:
-            record = _load(self.path) or {}
-            if record.get("pid") != os.getpid() or record.get("host") != self.record["host"]:
-                _HEARTBEAT.drop(self)  # the child holds it now (or a job record stands in for it)
-                return
         self.record["heartbeat"] = time.time()
         _rewrite(self.path, self.record)
 
@@ -353,7 +355,7 @@ def acquire(run_dir: str | Path, role: str = "train", adopt: str | None = None,
     key = run_dir.resolve()
     with _REGISTRY_LOCK:
         held = _REGISTRY.get(key)
-        if held is not None and not held.released and held.still_ours():
+        if held is not None and not held.released and not held.handed_over and held.still_ours():
             held.depth += 1  # this process already holds it (the ablation runner training in-process)
             return held
     created = not run_dir.exists()

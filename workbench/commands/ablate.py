@@ -7,6 +7,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from workbench.config import ConfigError
 
@@ -28,6 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: all of --devices, else all visible GPUs)")
     parser.add_argument("--results", help="results root (default $WORKBENCH_RESULTS or results/)")
     parser.add_argument("--no-probe", action="store_true", help="skip the throughput probe when no runs were measured")
+    parser.add_argument("--executor", choices=["local", "slurm", "submitit-local"], default="local",
+                        help="local: train here; slurm: submit the runs as a Slurm job array (submitit) and return; "
+                        "submitit-local: the same submission to submitit's local executor (processes on this machine)")
+    parser.add_argument("--partition", help="Slurm partition (overrides the file's slurm.partition)")
+    parser.add_argument("--gpus-per-run", type=int, metavar="N", help="GPUs per run (slurm.gpus_per_run, default 1; "
+                        "> 1 runs Composer's launcher inside the job)")
+    parser.add_argument("--time", help="time limit per run: minutes, HH:MM:SS or D-HH:MM:SS (slurm.time, default 4h)")
+    parser.add_argument("--account", help="Slurm account (slurm.account)")
+    parser.add_argument("--sbatch", action="append", default=[], metavar="OPTION=VALUE",
+                        help="any other sbatch option, e.g. constraint=a100 (repeatable; slurm.sbatch)")
 
 
 def _devices(args: argparse.Namespace, launcher: str) -> tuple[list[str] | None, int]:
@@ -61,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     launcher = args.launcher
     ablation = ablate.load_ablation(args.ablation, smoke=args.smoke, only=only or None, results_root=args.results)
     devices, nproc = _devices(args, launcher)
+    spec = _slurm_spec(args, ablation)  # a bad slurm: section or flag is named before anything else happens
     root = Path(args.results) if args.results else results_dir()
 
     ablate.assess(ablation.runs)
@@ -80,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.dry_run:
         return 0
+    if args.executor != "local":
+        return _submit(args, ablation, pending, spec)
     for run in ablation.runs:
         if run.state == "complete":
             ablate.write_variant_file(run, ablation)  # keep the metadata current
@@ -106,4 +120,41 @@ def run(args: argparse.Namespace) -> int:
         print(f"[ablate] failed: {', '.join(outcome.failed)} (run the same command again to resume them)",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def _slurm_spec(args: argparse.Namespace, ablation: Any) -> Any:
+    """The file's slurm: section (checked against the file) with the command line's flags on top."""
+    from workbench.ablate.slurm import parse_slurm
+
+    parse_slurm(ablation.slurm, str(ablation.path))
+    raw = dict(ablation.slurm or {})
+    flags = {"partition": args.partition, "gpus_per_run": args.gpus_per_run, "time": args.time,
+             "account": args.account}
+    sbatch = dict(raw.get("sbatch") or {})
+    for item in args.sbatch:
+        option, sep, value = item.partition("=")
+        if not sep or not option.strip("-"):
+            raise ConfigError("command line", "--sbatch", f"expected OPTION=VALUE, got {item!r}")
+        sbatch[option.strip().lstrip("-")] = value
+    merged = {**raw, **{k: v for k, v in flags.items() if v is not None}, **({"sbatch": sbatch} if sbatch else {})}
+    if isinstance(merged.get("time"), str) and merged["time"].isdigit():
+        merged["time"] = int(merged["time"])
+    return parse_slurm(merged, "command line (with the ablation file's slurm: section)")
+
+
+def _submit(args: argparse.Namespace, ablation: Any, pending: list, spec: Any) -> int:
+    """--executor slurm / submitit-local: claim, submit as one job array, print how to follow, return."""
+    from workbench import ablate
+    from workbench.ablate.slurm import follow_text, submit
+
+    if not pending:
+        print(f"[ablate] all {len(ablation.runs)} runs are complete; nothing to submit")
+        return 0
+    ablate.prepare_data(pending)  # once, before the tasks start (each task's own check is then a no-op)
+    jobs = submit(ablation, pending, spec, args.executor)
+    if not jobs:
+        print(f"[ablate] nothing to submit: every pending run of {ablation.name} is held by a live job or process")
+        return 0
+    print(f"[ablate] {follow_text(args.executor, jobs, pending[0].run_dir.parent.parent / '.submitit')}")
     return 0
