@@ -327,3 +327,38 @@ def test_smoke_ablation_runs_end_to_end_and_skips_completed_runs(capsys):
     assert ablate_command.run(args) == 0
     assert "all 3 runs are complete; nothing to do" in capsys.readouterr().out
     assert (root / "ar" / "seed0" / "metrics.parquet").stat().st_mtime_ns == mtime
+
+
+def test_progress_after_each_run_and_a_closing_table_of_best_values(tmp_path, results_root, monkeypatch, capsys):
+    path = write_ablation(tmp_path, {"name": "prog", "variants": {"a": {}, "b": {"optimizer.lr": 0.001},
+                                                                  "c": {"optimizer.lr": 0.002}}})
+    values = iter([3.25, 2.5, 4.0])
+
+    def fake_train(config, run_dir=None, resume=False, extra_callbacks=(), log=print):
+        summary = {"status": "complete", "best_ar_nll": next(values), "best_ar_ppl": 1.0}
+        write_summary(run_dir, **summary)
+        return summary
+
+    monkeypatch.setattr("workbench.train.train", fake_train)
+    monkeypatch.setattr(ablate, "prepare_data", lambda runs, log=print: None)
+    monkeypatch.setattr(ablate.runner, "format_seconds", lambda s: "T")  # elapsed and estimates: one token
+    monkeypatch.setattr(ablate, "estimate", lambda abl, root, parallel, probe=True: (
+        {r.name: 60.0 for r in abl.runs}, "test"))
+    assert ablate_command.run(cli_args(path)) == 0
+    out = capsys.readouterr().out
+    assert "[ablate] 1/3 runs done; T elapsed; about T left" in out
+    assert "[ablate] 3/3 runs done; T elapsed" in out and "3/3 runs done; T elapsed; about" not in out
+    table = out[out.index("3/3 runs finished"):].splitlines()[1:]
+    assert table[0].split() == ["variant", "seed", "status", "by", "best_ar_nll"]
+    assert [row.split() for row in table[1:4]] == [["a", "7", "complete", "here", "3.2500"],
+                                                  ["b", "7", "complete", "here", "2.5000"],
+                                                  ["c", "7", "complete", "here", "4.0000"]]
+
+
+def test_remaining_estimate_scales_with_how_runs_finished_against_their_estimates():
+    progress = ablate.runner.Progress(3, {"a": 10.0, "b": 10.0, "c": 20.0}, concurrency=1)
+    outcome = ablate.Outcome()
+    progress.running["a"] = progress.start - 20.0  # run a took twice its estimate
+    outcome.here.append("a")
+    line = progress.line("a", outcome)
+    assert line.endswith("about 1m00s left")  # (10 + 20) x 2
