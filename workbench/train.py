@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
@@ -195,8 +196,12 @@ def build_callbacks(config: RunConfig) -> list:
 
 
 def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool = False,
-              extra_callbacks: Sequence = (), log: Callable[[str], None] = print, prepared=None) -> BuiltRun:
+              extra_callbacks: Sequence = (), log: Callable[[str], None] = print, prepared=None,
+              progress: bool = False) -> BuiltRun:
     """Prepare data, build the model and a Composer Trainer for ``config`` (does not train).
+
+    ``progress``: show the run moving (:class:`workbench.callbacks.TrainProgress`: a bar on a terminal when
+    ``trainer.progress_bar``, else lines through ``log``); off for library callers such as the benchmark.
 
     ``prepared``: already prepared shards (:class:`datasets_prep.corpus.PreparedData`) to use instead of the
     data section's corpus (the benchmark trains on random-token shards of a given shape)."""
@@ -206,7 +211,7 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
     from datasets_prep.corpus import prepare
     from workbench import composer_patches  # noqa: F401 (Composer's engine patch, applied once at its import)
     from workbench.algorithms.token_masking import special_token_ids
-    from workbench.callbacks import TidyMetricsLogger
+    from workbench.callbacks import TidyMetricsLogger, TrainProgress
     from workbench.data import build_loader
     from workbench.trainer import WorkbenchTrainer
     run_dir = run_dir_for(config, run_dir)
@@ -253,6 +258,8 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
     writer = MetricsWriter(run_dir, metadata, rows=recovered)
     tidy = TidyMetricsLogger(writer, config.name, prepared.train.manifest["num_tokens"], config.trainer.log_interval,
                              prepared.val.manifest.get("unigram_entropy"))
+    display = [TrainProgress(tidy, log=log, bar=config.trainer.progress_bar and sys.stdout.isatty())] if progress \
+        else []
     checkpoints = run_dir / CHECKPOINTS
     load_path = str(point.path) if point is not None else None
     if load_path is not None:
@@ -270,7 +277,7 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
         algorithms=build_algorithms(config, tokenizer.mask_id, tokenizer.eos_id, tokenizer.vocab_size,
                                     special_token_ids(tokenizer)),
         callbacks=[*build_callbacks(config), *extra_callbacks],
-        loggers=[tidy, *trackers],  # the tidy writer first: trackers forward its rows
+        loggers=[tidy, *display, *trackers],  # the tidy writer first: the display and trackers read its rows
         run_name=config.name,
         seed=config.seed,
         device=device,
@@ -281,7 +288,7 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None, resume: bool
         save_num_checkpoints_to_keep=config.trainer.keep_checkpoints,
         save_overwrite=True,
         load_path=load_path,
-        progress_bar=config.trainer.progress_bar,
+        progress_bar=False,  # the display above instead (why: workbench.callbacks.TrainProgress)
         log_to_console=False,
         python_log_level="warning",
         dist_timeout=300,
@@ -318,7 +325,7 @@ def _train_held(config: RunConfig, target: Path, resume: bool, extra_callbacks: 
         return read_summary(target) or {}
     from workbench.results import atomic_write_bytes
 
-    built = build_run(config, target, resume, extra_callbacks, log)
+    built = build_run(config, target, resume, extra_callbacks, log, progress=True)
     atomic_write_bytes(built.run_dir / CONFIG_FILE, dump_config(config).encode())  # other processes read it
     net = built.model.net
     write_summary(built.run_dir, run=config.name, status="running", params=net.num_params(non_embedding=False),

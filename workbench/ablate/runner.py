@@ -120,11 +120,15 @@ def subprocess_command(run: PlannedRun, slot: Slot, launcher: str) -> list[str]:
 
 
 def launch_subprocess(run: PlannedRun, slot: Slot, launcher: str, claim: claims.Claim, log_path: Path,
-                      on_start: Callable[[Any], None] | None = None) -> int:
-    """Run one ``workbench train`` child that adopts ``claim`` and dies with this process; its exit code."""
+                      on_start: Callable[[Any], None] | None = None,
+                      forward: Callable[[str], None] | None = None) -> int:
+    """Run one ``workbench train`` child that adopts ``claim`` and dies with this process; its exit code.
+
+    Its output goes to ``log_path``; with ``forward``, through this process, which also passes the child's progress
+    lines (one per evaluation, each naming the run: :class:`workbench.callbacks.TrainProgress`) to ``forward``."""
     import subprocess
 
-    env = dict(os.environ, **claim.hand_over())
+    env = dict(os.environ, **claim.hand_over(), PYTHONUNBUFFERED="1")  # the log (and forwarded lines) stay current
     if slot.devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(slot.devices)
     if slot.threads is not None:
@@ -132,10 +136,20 @@ def launch_subprocess(run: PlannedRun, slot: Slot, launcher: str, claim: claims.
     # Composer's launcher cleans up its ranks on KeyboardInterrupt (SIGINT); a plain child just stops (SIGTERM)
     preexec = die_with_parent(signal.SIGINT if launcher == "composer" else signal.SIGTERM)
     with log_path.open("ab") as handle:
-        process = subprocess.Popen(subprocess_command(run, slot, launcher), stdout=handle, stderr=subprocess.STDOUT,
-                                   env=env, preexec_fn=preexec)
+        process = subprocess.Popen(subprocess_command(run, slot, launcher), stderr=subprocess.STDOUT, env=env,
+                                   stdout=handle if forward is None else subprocess.PIPE, preexec_fn=preexec)
     if on_start is not None:
         on_start(process)
+    if forward is not None:
+        from workbench.callbacks import PROGRESS_LINE
+
+        with log_path.open("ab") as handle:
+            for raw in process.stdout:
+                handle.write(raw)
+                handle.flush()
+                line = raw.decode(errors="replace").rstrip()
+                if PROGRESS_LINE.match(line):
+                    forward(line)
     return process.wait()
 
 
@@ -307,6 +321,11 @@ class Runner:
             self.log(self.progress.line(run.name, self.outcome))
         self.finished.put(run.name)
 
+    def _forward(self, line: str) -> None:
+        """A child's progress line, to this process's log (whole lines: children run in parallel)."""
+        with self.lock:
+            self.log(line)
+
     def _in_process(self, run: PlannedRun, claim: claims.Claim) -> None:
         from workbench.train import train
 
@@ -339,7 +358,7 @@ class Runner:
                 with self.lock:
                     self.processes[run.name] = process
 
-            code = launch_subprocess(run, slot, self.launcher, claim, log_path, started)
+            code = launch_subprocess(run, slot, self.launcher, claim, log_path, started, forward=self._forward)
             with self.lock:
                 self.processes.pop(run.name, None)
             if code != 0:

@@ -85,11 +85,26 @@ def downstream_settings(base: Any, args: argparse.Namespace) -> Any:
     return build_dataclass(DownstreamConfig, values, "command line", "eval.downstream")
 
 
+def check_rows_file(path: Path) -> None:
+    """Refuses an existing rows file that does not read whole: the writer would start it again empty, and every
+    earlier evaluation in it would be lost without a word. Called before any task is scored."""
+    from workbench.config import ConfigError
+    from workbench.results import metrics_problem
+
+    problem = metrics_problem(path) if path.exists() else None
+    if problem is not None:
+        first = problem.splitlines()[0] if problem.strip() else "unreadable"
+        raise ConfigError(str(path), "", f"{first}; refusing to overwrite the rows it holds: move it away or "
+                          "write to another file with --out")
+
+
 def tidy_file(path: Path, metadata: dict[str, Any]):
     """A MetricsWriter (the one results writer) on ``path`` instead of ``<run>/metrics.parquet``, holding the
-    file's existing rows; ``metadata`` values are merged into the file's existing metadata of the same key."""
+    file's existing rows; ``metadata`` values are merged into the file's existing metadata of the same key. An
+    unreadable file is refused (:func:`check_rows_file`), never replaced."""
     from workbench.results import MetricsWriter, read_metadata
 
+    check_rows_file(path)
     previous = read_metadata(path) if path.is_file() else {}
     merged = {}
     for key, value in metadata.items():
@@ -133,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device == "cuda")
     autocast = torch.bfloat16 if use_bf16 else None
     out = Path(args.out) if args.out else loaded.run_dir / DOWNSTREAM_FILE
+    check_rows_file(out)  # before any task is scored
     seq_len = loaded.config.data.seq_len
     objective = loaded.config.objective.name
     print(f"[eval] {loaded.config.name} ({objective}) at step {loaded.step}, {loaded.tokens_seen:,} tokens "
