@@ -21,6 +21,7 @@ from workbench.ablate import load_ablation
 from workbench.ablate.slurm import make_executor
 from workbench.commands import ablate as ablate_command
 from workbench.config import ConfigError
+from workbench.paths import REPO_ROOT
 
 
 def cli_args(path: Path, *extra: str, **overrides) -> argparse.Namespace:
@@ -99,3 +100,35 @@ def test_submission_through_submitits_local_executor_trains_each_run_once(tmp_pa
     check_complete_rows(run_dir)
     assert ablate_command.run(args) == 0
     assert "all 1 runs are complete; nothing to submit" in capsys.readouterr().out
+
+
+STUDY = REPO_ROOT / "ablations" / "studies" / "token_masking_rate.yaml"
+
+
+def test_tune_slurm_workers_need_a_server_storage(capsys):
+    from workbench.cli import main
+
+    assert main(["tune", str(STUDY), "--smoke", "--executor", "slurm", "--workers", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: command line: --storage: Slurm workers run on several nodes") and "SQLite" in err
+
+
+@pytest.mark.slow
+def test_tune_workers_submitted_through_submitits_local_executor_finish_the_study(results_root, capsys):
+    import optuna
+
+    from workbench.cli import main
+
+    start = time.time()
+    assert main(["tune", str(STUDY), "--smoke", "--executor", "submitit-local", "--workers", "2"]) == 0
+    assert "submitted 2 task(s) to submitit's local executor" in capsys.readouterr().out
+    folder = results_root / "token_masking_rate-smoke" / ".submitit"
+    while len(list(folder.glob("*_result.pkl"))) < 2:  # both workers (array tasks) returned
+        assert time.time() - start < 600, "the submitted tune workers did not finish"
+        time.sleep(1)
+    for job in folder.glob("*_result.pkl"):
+        assert submitit.LocalJob(folder, job.name.split("_")[0]).result() == 0
+    study = optuna.load_study(study_name="token_masking_rate-smoke",
+                              storage=f"sqlite:///{results_root / 'token_masking_rate-smoke' / 'study.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 2 and len({t.number for t in complete}) == 2

@@ -214,12 +214,26 @@ def run_task(task: dict[str, Any]) -> str:
     return str((read_summary(run.run_dir) or {}).get("status"))
 
 
+def run_command_task(argv: list[str]) -> int:
+    """An array task that runs one ``workbench`` command (``workbench tune`` workers: each task is one worker)."""
+    from workbench.cli import main
+
+    code = main(list(argv))
+    if code:
+        raise RuntimeError(f"workbench {' '.join(argv)} exited with {code}")
+    return code
+
+
+def submit_commands(kind: str, folder: Path, spec: SlurmSpec, name: str, argvs: list[list[str]]) -> list[Any]:
+    """One array task per ``workbench`` command line (no claims: the tasks coordinate through their storage)."""
+    return make_executor(kind, folder, spec, name).map_array(run_command_task, argvs)
+
+
 def follow_text(kind: str, jobs: list[Any], folder: Path) -> str:
     """How to follow a submission."""
     if kind == "slurm":
         array = str(jobs[0].job_id).split("_")[0]
-        return (f"submitted {len(jobs)} run(s) as Slurm job array {array}; follow with `squeue -j {array}` and "
-                f"`tail -f {folder}/{array}_*_0_log.out`; run the same command again to submit what is left")
+        return (f"submitted {len(jobs)} task(s) as Slurm job array {array}; follow with `squeue -j {array}` and "
+                f"`tail -f {folder}/{array}_*_0_log.out`")
     pids = ", ".join(str(job.job_id) for job in jobs)
-    return (f"submitted {len(jobs)} run(s) to submitit's local executor (processes {pids}); logs in {folder}; "
-            "run the same command again to see what is left")
+    return f"submitted {len(jobs)} task(s) to submitit's local executor (processes {pids}); logs in {folder}"

@@ -29,16 +29,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: all of --devices, else all visible GPUs)")
     parser.add_argument("--results", help="results root (default $WORKBENCH_RESULTS or results/)")
     parser.add_argument("--no-probe", action="store_true", help="skip the throughput probe when no runs were measured")
+    add_executor_arguments(parser, "the runs", "slurm.")
+
+
+def add_executor_arguments(parser: argparse.ArgumentParser, what: str, key: str = "") -> None:
+    """--executor and the Slurm flags (shared by `workbench ablate` and `workbench tune`)."""
     parser.add_argument("--executor", choices=["local", "slurm", "submitit-local"], default="local",
-                        help="local: train here; slurm: submit the runs as a Slurm job array (submitit) and return; "
+                        help=f"local: run here; slurm: submit {what} as a Slurm job array (submitit) and return; "
                         "submitit-local: the same submission to submitit's local executor (processes on this machine)")
-    parser.add_argument("--partition", help="Slurm partition (overrides the file's slurm.partition)")
-    parser.add_argument("--gpus-per-run", type=int, metavar="N", help="GPUs per run (slurm.gpus_per_run, default 1; "
-                        "> 1 runs Composer's launcher inside the job)")
-    parser.add_argument("--time", help="time limit per run: minutes, HH:MM:SS or D-HH:MM:SS (slurm.time, default 4h)")
-    parser.add_argument("--account", help="Slurm account (slurm.account)")
+    def see(name: str, default: str = "") -> str:  # where the same setting goes in a file
+        return f" ({', '.join(filter(None, [f'{key}{name}' if key else '', default]))})" if key or default else ""
+
+    parser.add_argument("--partition", help=f"Slurm partition{see('partition')}")
+    parser.add_argument("--gpus-per-run", type=int, metavar="N",
+                        help=f"GPUs per task{see('gpus_per_run', 'default 1')}")
+    parser.add_argument("--time",
+                        help=f"time limit per task: minutes, HH:MM:SS or D-HH:MM:SS{see('time', 'default 4h')}")
+    parser.add_argument("--account", help=f"Slurm account{see('account')}")
     parser.add_argument("--sbatch", action="append", default=[], metavar="OPTION=VALUE",
-                        help="any other sbatch option, e.g. constraint=a100 (repeatable; slurm.sbatch)")
+                        help=f"any other sbatch option, e.g. constraint=a100, repeatable{see('sbatch')}")
 
 
 def _devices(args: argparse.Namespace, launcher: str) -> tuple[list[str] | None, int]:
@@ -128,7 +137,14 @@ def _slurm_spec(args: argparse.Namespace, ablation: Any) -> Any:
     from workbench.ablate.slurm import parse_slurm
 
     parse_slurm(ablation.slurm, str(ablation.path))
-    raw = dict(ablation.slurm or {})
+    return slurm_spec_from_flags(args, dict(ablation.slurm or {}))
+
+
+def slurm_spec_from_flags(args: argparse.Namespace, raw: dict[str, Any] | None = None) -> Any:
+    """--partition/--gpus-per-run/--time/--account/--sbatch on top of ``raw`` (a slurm: section)."""
+    from workbench.ablate.slurm import parse_slurm
+
+    raw = dict(raw or {})
     flags = {"partition": args.partition, "gpus_per_run": args.gpus_per_run, "time": args.time,
              "account": args.account}
     sbatch = dict(raw.get("sbatch") or {})
@@ -140,7 +156,7 @@ def _slurm_spec(args: argparse.Namespace, ablation: Any) -> Any:
     merged = {**raw, **{k: v for k, v in flags.items() if v is not None}, **({"sbatch": sbatch} if sbatch else {})}
     if isinstance(merged.get("time"), str) and merged["time"].isdigit():
         merged["time"] = int(merged["time"])
-    return parse_slurm(merged, "command line (with the ablation file's slurm: section)")
+    return parse_slurm(merged, "command line" + (" (with the ablation file's slurm: section)" if raw else ""))
 
 
 def _submit(args: argparse.Namespace, ablation: Any, pending: list, spec: Any) -> int:

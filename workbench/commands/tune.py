@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke", action="store_true", help="merge the study's smoke: block (tiny CPU settings)")
     parser.add_argument("--summary", action="store_true",
                         help="print best trials and importances, write trials.csv and figures; run nothing")
+    from workbench.commands.ablate import add_executor_arguments
+
+    add_executor_arguments(parser, "--workers N workers (N array tasks against --storage)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("command line", "--workers", f"must be >= 1, got {args.workers}")
     spec = load_study_spec(args.study, smoke=args.smoke, trials=args.trials)
     url = args.storage or spec.storage or default_storage(spec)
+    if args.executor == "slurm" and url.startswith("sqlite"):
+        raise ConfigError("command line", "--storage", "Slurm workers run on several nodes: give a server storage "
+                          "(postgresql://...); a SQLite file is not safe across hosts")
     storage = connect(spec, url)
     if args.summary:
         return summarize(spec, storage, url)
@@ -44,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     open_study(spec, storage, url, log)
     _, values = spec.trial_values(lambda p: p.representatives()[0])
     prepare(spec.trial_config(values, None, spec.seeds[0]).data, log=log)  # once, before any worker trains
+    if args.executor != "local":
+        return submit_workers(args, url, spec, log)
     if args.workers > 1:
         return spawn_workers(args, url, args.workers, log)
     try:
@@ -79,3 +87,17 @@ def spawn_workers(args: argparse.Namespace, url: str, count: int, log: Callable[
                 codes.append(process.wait())
         return 130
     return max(codes)
+
+
+def submit_workers(args: argparse.Namespace, url: str, spec, log: Callable[[str], None]) -> int:
+    """``--executor slurm --workers N``: N array tasks, each one ``workbench tune`` worker on the shared storage."""
+    from workbench.ablate.slurm import follow_text, submit_commands
+    from workbench.commands.ablate import slurm_spec_from_flags
+
+    argv = ["tune", str(args.study), "--storage", url, *(["--trials", str(args.trials)] if args.trials else []),
+            *(["--smoke"] if args.smoke else [])]
+    folder = spec.results / ".submitit"
+    jobs = submit_commands(args.executor, folder, slurm_spec_from_flags(args), f"workbench-tune-{spec.name}",
+                           [argv] * args.workers)
+    log(f"[tune] {follow_text(args.executor, jobs, folder)}")
+    return 0
