@@ -57,6 +57,10 @@ distinct data config before any run starts, so concurrent runs never prepare the
 shared-memory registration, which is not atomic across processes, happens under a machine-wide lock
 (:func:`workbench.data.streaming_registration_lock`).
 
+Every run is claimed before it trains (:mod:`workbench.claims`): any number of runner processes, on one machine or
+several sharing the results folder, train each run once; a runner's subprocesses die with it and hold their runs'
+claims themselves. ``--executor slurm`` submits the runs as a job array instead (:mod:`workbench.ablate.slurm`).
+
 The plan's time estimate divides each run's training tokens by a tokens/s figure and adds its validation
 passes (forward only, taken as 3x faster than a training step) and a fixed start-up cost; the tokens/s come
 from the median ``tokens_per_s`` rows already in the results folder for runs of the same shape, else from a
