@@ -166,7 +166,9 @@ def test_workbench_eval_harness_flag_and_the_harness_cli(ar_run, tmp_path, capsy
     command = [sys.executable, "-m", "workbench.evaluation.harness", "--model", "workbench", "--model_args",
                f"run={ar_run},device=cpu", "--tasks", "wb_copa", "--limit", "6", "--output_path",
                str(tmp_path / "lm_eval_out")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    # close_fds=False lets subprocess use posix_spawn: a plain fork of this many-threaded process (polars,
+    # tokio, jemalloc threads) once left the child deadlocked before its exec
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400, close_fds=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "wb_copa" in done.stdout and "acc_norm" in done.stdout  # the harness's table
     (written,) = (tmp_path / "lm_eval_out").rglob("results_*.json")

@@ -34,9 +34,11 @@ test_harness.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +201,28 @@ if __name__ != "__main__":  # run as a script, main() imports this module by nam
 # workbench eval RUN --harness TASK...
 
 
+@contextlib.contextmanager
+def _light_env_info() -> Iterator[None]:
+    """simple_evaluate records torch's collect_env report: ~20 shell commands (pip list, nvidia-smi, ...), each a
+    fork of this many-threaded process (polars, tokio, jemalloc threads), which once left a child deadlocked
+    before its exec in the test suite. In-process evaluations record the versions without it."""
+    import lm_eval.evaluator
+
+    original = lm_eval.evaluator.add_env_info
+
+    def versions_only(storage: dict[str, Any]) -> None:
+        from importlib.metadata import version
+
+        storage.update({"pretty_env_info": f"torch {torch.__version__} (collect_env skipped by workbench)",
+                        "lm_eval_version": version("lm_eval"), "transformers_version": "not used"})
+
+    lm_eval.evaluator.add_env_info = versions_only
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.add_env_info = original
+
+
 def task_manager(include: list[str] | None = None, defaults: bool = True):
     """The harness's task index with the workbench's offline ``wb_*`` tasks added (``defaults``: also the
     harness's own thousands of task YAMLs, which take tens of seconds to index)."""
@@ -223,8 +247,9 @@ def evaluate(run: str, tasks: list[str], limit: int | None = None, model_args: d
         raise ConfigError("command line", "--harness", f"unknown harness task(s) {', '.join(unknown)}; the "
                           f"workbench's offline tasks: {offline}")
     model = WorkbenchHarnessLM(run, **(model_args or {}))
-    results = simple_evaluate(model=model, tasks=tasks, num_fewshot=num_fewshot, limit=limit, samples=samples,
-                              task_manager=manager, log_samples=log_samples, bootstrap_iters=1000)
+    with _light_env_info():
+        results = simple_evaluate(model=model, tasks=tasks, num_fewshot=num_fewshot, limit=limit, samples=samples,
+                                  task_manager=manager, log_samples=log_samples, bootstrap_iters=1000)
     results["workbench_model"] = model
     return results
 
