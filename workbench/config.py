@@ -382,7 +382,7 @@ class TrainerConfig:
     log_interval: int = 10  # batches between train-loss rows in metrics.parquet
     checkpoint_interval: str = field(default="1ep", metadata={"parse": parse_duration})
     keep_checkpoints: int = 2
-    progress_bar: bool = True
+    progress_bar: bool = True  # on a terminal, a redrawn bar; false: the plain per-evaluation lines there too
 
     def __post_init__(self) -> None:
         if self.max_duration.endswith("dur"):
