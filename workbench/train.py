@@ -88,8 +88,9 @@ def _device(config: RunConfig) -> str:
 
 def _precision(config: RunConfig, device: str) -> str:
     if config.trainer.precision != "auto":
-        if device == "cpu" and config.trainer.precision == "amp_fp16":
-            raise ConfigError("config", "trainer.precision", "amp_fp16 needs a GPU; use fp32 or amp_bf16 on CPU")
+        if device == "cpu" and config.trainer.precision != "fp32":  # Composer 0.32.1 trains only fp32 on a CPU
+            raise ConfigError("config", "trainer.precision", f"{config.trainer.precision} needs a GPU; use fp32 (or "
+                              "auto) on CPU")
         return config.trainer.precision
     return "amp_bf16" if device == "gpu" else "fp32"
 
