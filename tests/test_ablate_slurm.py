@@ -85,7 +85,7 @@ def test_submission_through_submitits_local_executor_trains_each_run_once(tmp_pa
     start = time.time()
     assert ablate_command.run(args) == 0
     out = capsys.readouterr().out
-    assert "submitted 1 run(s) to submitit's local executor" in out, out
+    assert "submitted 1 task(s) to submitit's local executor" in out, out
     assert time.time() - start < 120  # returns without waiting for the run
     run_dir = root / "demo" / "ar" / "seed0"
     holder = claims.current(run_dir)
