@@ -12,6 +12,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal
 
 
@@ -43,67 +44,97 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """``value`` checked against the type hint ``tp`` (and converted where YAML is loose: ``1e-3`` read as a string,
+    ``2.0`` for an integer); a mismatch is a ConfigError naming ``key`` and what the type allows."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None:
-            if type(None) in options:
-                return None
-            raise ConfigError(source, key, f"must not be null; expected {_type_name(tp)}")
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(value, option, key, source)
-            except ConfigError as err:
-                errors.append(err)
-        if len(errors) == 1:
-            raise errors[0]
-        raise ConfigError(source, key, f"expected {_type_name(tp)}, got {value!r}")
+        return _convert_union(value, tp, key, source)
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise ConfigError(source, key, f"{value!r} is not allowed; expected {_type_name(tp)}")
         return value
     if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(source, key, f"expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return _convert_list(value, tp, key, source)
     if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(source, key, f"expected a mapping, got {value!r}")
-        _, value_tp = typing.get_args(tp)
-        return {k: _convert(v if v is not None else {}, value_tp, f"{key}.{k}", source) for k, v in value.items()}
+        return _convert_dict(value, tp, key, source)
     if dataclasses.is_dataclass(tp):
         return build_dataclass(tp, {} if value is None else value, source, key)
     if tp is Any:
         return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(source, key, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise ConfigError(source, key, f"expected an integer, got {value!r}")
-        return int(value)
-    if tp is float:
-        number = value
-        if isinstance(value, str):
-            try:
-                number = float(value)  # YAML reads 1e-3 (no dot) as a string
-            except ValueError:
-                raise ConfigError(source, key, f"expected a number, got {value!r}") from None
-        if isinstance(number, bool) or not isinstance(number, int | float):
-            raise ConfigError(source, key, f"expected a number, got {value!r}")
-        if not math.isfinite(number):  # .inf / .nan would train to nan losses or crash after data preparation
-            raise ConfigError(source, key, f"expected a finite number (not .inf or .nan), got {value!r}")
-        return float(number)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(source, key, f"expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp!r} at {key}")
+    if tp not in _SCALARS:
+        raise TypeError(f"unsupported config type {tp!r} at {key}")
+    return _SCALARS[tp](value, key, source)
+
+
+def _convert_union(value: Any, tp: Any, key: str, source: str) -> Any:
+    """The first option that accepts ``value``; a single non-null option's own error, else one naming them all."""
+    options = typing.get_args(tp)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(source, key, f"must not be null; expected {_type_name(tp)}")
+    errors = []
+    for option in options:
+        if option is type(None):
+            continue
+        try:
+            return _convert(value, option, key, source)
+        except ConfigError as err:
+            errors.append(err)
+    if len(errors) == 1:
+        raise errors[0]
+    raise ConfigError(source, key, f"expected {_type_name(tp)}, got {value!r}")
+
+
+def _convert_list(value: Any, tp: Any, key: str, source: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ConfigError(source, key, f"expected a list, got {value!r}")
+    (item_tp,) = typing.get_args(tp)
+    return [_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+
+
+def _convert_dict(value: Any, tp: Any, key: str, source: str) -> dict[Any, Any]:
+    """A mapping's values checked one by one (a null value is an empty mapping: ``callbacks: {lr_monitor: }``)."""
+    if not isinstance(value, dict):
+        raise ConfigError(source, key, f"expected a mapping, got {value!r}")
+    _, value_tp = typing.get_args(tp)
+    return {k: _convert(v if v is not None else {}, value_tp, f"{key}.{k}", source) for k, v in value.items()}
+
+
+def _convert_bool(value: Any, key: str, source: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(source, key, f"expected true or false, got {value!r}")
+    return value
+
+
+def _convert_int(value: Any, key: str, source: str) -> int:
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        raise ConfigError(source, key, f"expected an integer, got {value!r}")
+    return int(value)
+
+
+def _convert_float(value: Any, key: str, source: str) -> float:
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)  # YAML reads 1e-3 (no dot) as a string
+        except ValueError:
+            raise ConfigError(source, key, f"expected a number, got {value!r}") from None
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        raise ConfigError(source, key, f"expected a number, got {value!r}")
+    if not math.isfinite(number):  # .inf / .nan would train to nan losses or crash after data preparation
+        raise ConfigError(source, key, f"expected a finite number (not .inf or .nan), got {value!r}")
+    return float(number)
+
+
+def _convert_str(value: Any, key: str, source: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(source, key, f"expected a string, got {value!r}")
+    return value
+
+
+_SCALARS: dict[Any, Callable[[Any, str, str], Any]] = {
+    bool: _convert_bool, int: _convert_int, float: _convert_float, str: _convert_str}
 
 
 def check_keys(values: dict[str, Any], allowed: tuple[str, ...], source: str, prefix: str = "",
