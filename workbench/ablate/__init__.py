@@ -27,11 +27,15 @@ An ablation file::
       overrides: {model: {n_layers: 2, d_model: 64, n_heads: 2}, trainer: {max_duration: 2ep}}
       seeds: [0]
       repetition: {unique_tokens: [32k], epochs: [2]}   # smoke may replace seeds, grid, zip and repetition
+    scales:                           # --scale NAME: named scales, each a block like smoke: (--smoke = smoke:)
+      cpu: {overrides: {model: {n_layers: 2, d_model: 64, n_heads: 2}}, seeds: [0, 1]}   # -> results/<name>-cpu/
 
 A run's config is merged in this order: base, variant overrides, the variant's own grid/zip, the top-level
-grid, zip and repetition, then (``--smoke``) the smoke overrides, then ``name`` and ``seed``. Axes may not
-touch the same key as each other, and smoke overrides may not touch a key any variant or axis sets (they
-would silently erase the comparison). Every run is validated through :func:`workbench.config.config_from_dict`
+grid, zip and repetition, then (``--smoke`` / ``--scale NAME``) the scale's overrides, then ``name`` and
+``seed``. Axes may not touch the same key as each other, and a scale's overrides may not touch a key any variant
+or axis sets (they would silently erase the comparison). A scale other than smoke names the ablation
+``<name>-<scale>`` (its folder and run names), so two scales of one study never share runs. Every run is
+validated through :func:`workbench.config.config_from_dict`
 before anything trains; errors name the file, the variant and the dotted key.
 
 Variant names join the explicit name and one fragment per axis point with ``-``: numbers and booleans are

@@ -189,7 +189,7 @@ def estimate(ablation: Ablation, root: Path, parallel: int, probe: bool = True) 
 
 def format_plan(ablation: Ablation, seconds: dict[str, float] | None, source: str, parallel: int) -> str:
     """The plan table printed before anything runs."""
-    header = f"ablation {ablation.name} ({ablation.path}{', smoke scale' if ablation.smoke else ''})"
+    header = f"ablation {ablation.name} ({ablation.path}{f', {ablation.scale} scale' if ablation.scale else ''})"
     lines = [header]
     if ablation.description:
         lines.append(f"  {ablation.description}")

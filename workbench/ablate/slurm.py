@@ -166,7 +166,8 @@ def submit(ablation: Ablation, runs: list[PlannedRun], spec: SlurmSpec, kind: st
         return []
     folder = runs[0].run_dir.parent.parent / ".submitit"
     executor = make_executor(kind, folder, spec, f"workbench-{ablation.name}")
-    tasks = [{"ablation": str(ablation.path), "smoke": ablation.smoke, "variant": run.variant.name, "run": run.name,
+    tasks = [{"ablation": str(ablation.path), "smoke": ablation.smoke, "scale": ablation.scale,
+              "variant": run.variant.name, "run": run.name,
               "results": str(run.run_dir.parent.parent.parent), "token": claim.token, "gpus": spec.gpus_per_run}
              for run, claim in taken]
     try:
@@ -193,7 +194,7 @@ def run_task(task: dict[str, Any]) -> str:
     from workbench.results import CHECKPOINTS, TRAIN_LOG, read_summary
 
     ablation = load_ablation(task["ablation"], smoke=task["smoke"], only=[task["variant"]],
-                             results_root=task["results"])
+                             results_root=task["results"], scale=task.get("scale"))
     run = next(r for r in ablation.runs if r.name == task["run"])
     claim = claims.acquire(run.run_dir, role="ablate", adopt=task["token"])
     try:

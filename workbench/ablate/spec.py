@@ -24,8 +24,8 @@ from workbench.config import (
 from workbench.durations import parse_count
 from workbench.run_files import VARIANT_FILE  # noqa: F401 (ablate.VARIANT_FILE)
 
-TOP_KEYS = ("name", "description", "base", "seeds", "variants", "grid", "zip", "repetition", "smoke", "parallel",
-            "slurm")
+TOP_KEYS = ("name", "description", "base", "seeds", "variants", "grid", "zip", "repetition", "smoke", "scales",
+            "parallel", "slurm")
 VARIANT_KEYS = ("name", "description", "grid", "zip")  # everything else in a variant is a run-config override
 SMOKE_KEYS = ("overrides", "seeds", "grid", "zip", "repetition")
 REPETITION_KEYS = ("unique_tokens", "epochs", "total_tokens")
@@ -90,6 +90,7 @@ class Ablation:
     parallel: int | None = None  # the file's default for --parallel
     slurm: Any = None  # the file's slurm: section (parsed by workbench.ablate.slurm when submitting)
     runs: list[PlannedRun] = field(default_factory=list)
+    scale: str | None = None  # the named scale applied (--scale NAME; "smoke" for --smoke), None: the file as written
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -345,14 +346,33 @@ def _explicit_variants(raw: Any, source: str) -> list[tuple[str, dict[str, Any],
     raise ConfigError(source, "variants", f"expected a mapping name: overrides or a list, got {raw!r}")
 
 
-def _smoke_section(data: dict[str, Any], source: str) -> dict[str, Any]:
-    raw = data.get("smoke")
+def scale_names(data: dict[str, Any]) -> list[str]:
+    """The scales a file defines: ``smoke`` (its ``smoke:`` block) and the keys of ``scales:``."""
+    scales = data.get("scales")
+    return sorted({*(["smoke"] if "smoke" in data else []), *(scales if isinstance(scales, dict) else {})})
+
+
+def _scale_section(data: dict[str, Any], source: str, scale: str) -> tuple[dict[str, Any], str]:
+    """A named scale's block and its dotted key: ``smoke`` is the ``smoke:`` block (or ``scales.smoke``), any other
+    name an entry of ``scales:``; both hold the same keys (overrides, seeds, grid, zip, repetition)."""
+    scales = data.get("scales")
+    if scales is not None and not isinstance(scales, dict):
+        raise ConfigError(source, "scales", "expected a mapping of scale names to blocks like smoke: "
+                          "(overrides, seeds, grid, zip, repetition)")
+    if scale == "smoke" and "smoke" in data and scales and "smoke" in scales:
+        raise ConfigError(source, "scales.smoke", "the smoke scale is defined twice (smoke: and scales.smoke)")
+    key = "smoke" if scale == "smoke" and "smoke" in data else f"scales.{scale}"
+    raw = data.get("smoke") if key == "smoke" else (scales or {}).get(scale)
     if raw is None:
-        raise ConfigError(source, "smoke", "--smoke needs a smoke: block in the ablation file")
+        allowed = scale_names(data)
+        flag = "--smoke" if scale == "smoke" else f"--scale {scale}"
+        raise ConfigError(source, "smoke" if scale == "smoke" else "scales",
+                          f"{flag} needs a {'smoke: block' if scale == 'smoke' else f'scales: {scale}: block'} in "
+                          f"the ablation file; scales here: {', '.join(allowed) if allowed else 'none'}")
     if not isinstance(raw, dict):
-        raise ConfigError(source, "smoke", "expected a mapping with overrides, seeds, grid, zip, repetition")
-    check_keys(raw, SMOKE_KEYS, source, "smoke", hint=" (run-config changes go under smoke.overrides)")
-    return raw
+        raise ConfigError(source, key, "expected a mapping with overrides, seeds, grid, zip, repetition")
+    check_keys(raw, SMOKE_KEYS, source, key, hint=f" (run-config changes go under {key}.overrides)")
+    return raw, key
 
 
 def _seeds(raw: Any, source: str, key: str, default: int) -> list[int]:
@@ -367,8 +387,13 @@ def _seeds(raw: Any, source: str, key: str, default: int) -> list[int]:
 
 
 def load_ablation(path: str | Path, smoke: bool = False, only: Iterable[str] | None = None,
-                  results_root: str | Path | None = None) -> Ablation:
-    """Read an ablation file and expand it into validated runs (nothing is prepared or trained)."""
+                  results_root: str | Path | None = None, scale: str | None = None) -> Ablation:
+    """Read an ablation file and expand it into validated runs (nothing is prepared or trained).
+
+    ``scale`` applies a named scale (``scales: {NAME: ...}``; ``smoke`` is the same as ``smoke=True``): its
+    overrides go over every run and its seeds/grid/zip/repetition replace the file's. A scale other than smoke
+    names the ablation ``<name>-<scale>`` (its results folder and run names), so the runs of two scales of one
+    study never share a folder; smoke keeps the file's name, as it always has."""
     from workbench.paths import results_dir
 
     path = Path(path)
@@ -380,11 +405,17 @@ def load_ablation(path: str | Path, smoke: bool = False, only: Iterable[str] | N
         raise ConfigError(source, "name", f"use letters, digits, '-', '_', '.' (it names a folder), got {name!r}")
     base = _base_config(data.get("base"), path)
     base.pop("name", None)
-    smoke_raw = _smoke_section(data, source) if smoke else {}
-    smoke_overrides = _normalize_overrides(smoke_raw.get("overrides"), source, "smoke.overrides")
+    if smoke and scale not in (None, "smoke"):
+        raise ConfigError(source, "--scale", f"--smoke is the scale named smoke; give --smoke or --scale {scale}")
+    scale = "smoke" if smoke else scale
+    smoke = scale == "smoke"
+    smoke_raw, scale_key = _scale_section(data, source, scale) if scale is not None else ({}, "smoke")
+    smoke_overrides = _normalize_overrides(smoke_raw.get("overrides"), source, f"{scale_key}.overrides")
+    if scale is not None and not smoke:
+        name = f"{name}-{scale}"
 
     def pick(key: str) -> tuple[Any, str]:
-        return (smoke_raw[key], f"smoke.{key}") if key in smoke_raw else (data.get(key), key)
+        return (smoke_raw[key], f"{scale_key}.{key}") if key in smoke_raw else (data.get(key), key)
 
     seeds_raw, seeds_key = pick("seeds")
     seeds = _seeds(seeds_raw, source, seeds_key, int(base.get("seed", RunConfig.seed)))
@@ -448,8 +479,9 @@ def load_ablation(path: str | Path, smoke: bool = False, only: Iterable[str] | N
             for swept_key in leaf_keys(variant.overrides):
                 clash = next((k for k in smoke_leaves if keys_overlap(k, swept_key)), None)
                 if clash is not None:
-                    raise ConfigError(source, f"smoke.overrides.{clash}", f"would overwrite {swept_key}, which "
-                                      f"variant {variant.name!r} sets; replace the axis under smoke: instead")
+                    raise ConfigError(source, f"{scale_key}.overrides.{clash}", f"would overwrite {swept_key}, "
+                                      f"which variant {variant.name!r} sets; replace the axis under {scale_key}: "
+                                      "instead")
 
     if only:
         variants = select_variants(variants, list(only), source)
@@ -459,7 +491,7 @@ def load_ablation(path: str | Path, smoke: bool = False, only: Iterable[str] | N
     if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
         raise ConfigError(source, "parallel", f"expected a whole number >= 1, got {parallel!r}")
     ablation = Ablation(name, path, str(data.get("description") or ""), smoke, variants, seeds, parallel,
-                        data.get("slurm"))
+                        data.get("slurm"), scale=scale)
     for variant in variants:
         for seed in seeds:
             values = deep_merge(deep_merge(base, variant.overrides), smoke_overrides)

@@ -18,7 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", action="append", default=[], metavar="VARIANT",
                         help="run only these variants: names, group names or shell patterns (repeatable, or "
                         "comma-separated)")
-    parser.add_argument("--smoke", action="store_true", help="apply the file's smoke: block (tiny, CPU-sized runs)")
+    parser.add_argument("--smoke", action="store_true", help="apply the file's smoke: block (tiny, CPU-sized runs); "
+                        "the same as --scale smoke")
+    parser.add_argument("--scale", metavar="NAME", help="apply the file's scales: NAME: block (e.g. cpu: the "
+                        "laptop scale of a GPU-scale study); results go to <name>-<NAME>")
     parser.add_argument("--parallel", type=int, default=None, metavar="N",
                         help="runs at once, each a `workbench train` subprocess (CPU threads are split between them); "
                         "default: the file's parallel: key, else 1")
@@ -79,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     if args.parallel is not None and args.parallel < 1:
         raise ConfigError("command line", "--parallel", "must be >= 1")
     launcher = args.launcher
-    ablation = ablate.load_ablation(args.ablation, smoke=args.smoke, only=only or None, results_root=args.results)
+    ablation = ablate.load_ablation(args.ablation, smoke=args.smoke, only=only or None, results_root=args.results,
+                                   scale=args.scale)
     devices, nproc = _devices(args, launcher)
     spec = _slurm_spec(args, ablation)  # a bad slurm: section or flag is named before anything else happens
     root = Path(args.results) if args.results else results_dir()
