@@ -196,17 +196,8 @@ def read_task(name: str, path: str | Path | None = None) -> TaskData:
     try:
         with opener(path, "rb") as handle:
             for number, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                    data.items.append(parse_record(record, spec.schema, number - 1))
-                except UnicodeDecodeError:
-                    _skip(data, number, "not valid UTF-8")
-                except json.JSONDecodeError as err:
-                    _skip(data, number, f"not valid JSON ({err.msg})")
-                except ValueError as err:
-                    _skip(data, number, str(err))
+                if raw.strip():
+                    _read_line(data, number, raw)
     except (OSError, EOFError, zlib.error) as err:  # damaged/truncated gzip stream: keep what was read
         if number == 0 and not data.items:
             raise ValueError(f"task {name!r}: {path} is unreadable ({type(err).__name__}: {err})") from None
@@ -219,11 +210,25 @@ def read_task(name: str, path: str | Path | None = None) -> TaskData:
     return data
 
 
-def _skip(data: TaskData, line: int, reason: str) -> None:
+def _read_line(data: TaskData, number: int, raw: bytes) -> None:
+    """Append line ``number``'s item to ``data``, or skip it with its reason (the warning points at read_task's
+    caller, as for the other skipped lines)."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+        data.items.append(parse_record(record, data.spec.schema, number - 1))
+    except UnicodeDecodeError:
+        _skip(data, number, "not valid UTF-8", stacklevel=4)
+    except json.JSONDecodeError as err:
+        _skip(data, number, f"not valid JSON ({err.msg})", stacklevel=4)
+    except ValueError as err:
+        _skip(data, number, str(err), stacklevel=4)
+
+
+def _skip(data: TaskData, line: int, reason: str, stacklevel: int = 3) -> None:
     message = f"{data.path}:{line}: {reason}; line skipped"
     data.skipped.append(message)
     if len(data.skipped) <= MAX_REPORTED_LINES:
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=stacklevel)
 
 
 def select_items(items: Sequence[TaskItem], limit: int | None, seed: int) -> list[TaskItem]:
