@@ -146,34 +146,49 @@ def _clean_jsonl(path: Path, text_column: str, stats: dict[str, Any]) -> Path:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
-            reason = None
-            try:
-                record = json.loads(raw.decode("utf-8"))
-                if fields is None and isinstance(record, dict):
-                    fields = sorted(record)
-                if not isinstance(record, dict) or not isinstance(record.get(text_column), str):
-                    reason = f"no string field {text_column!r}"
-            except UnicodeDecodeError:
-                reason = "not valid UTF-8"
-            except json.JSONDecodeError as err:
-                reason = f"not valid JSON ({err.msg})"
-            if reason:
-                bad += 1
-                first = first or f"{path}:{number}: {reason}"
-                stats["skipped_lines"] = stats.get("skipped_lines", 0) + 1
-                examples = stats.setdefault("skipped_line_examples", [])
-                if len(examples) < 5:
-                    examples.append(f"{path}:{number}: {reason}")
-            else:
+            reason, line_fields = _jsonl_line_problem(raw, text_column)
+            if fields is None:
+                fields = line_fields
+            if reason is None:
                 good.append(raw.rstrip(b"\n"))
+                continue
+            bad += 1
+            first = first or f"{path}:{number}: {reason}"
+            _count_skipped_line(stats, f"{path}:{number}: {reason}")
     if not good and fields is not None:
         raise CorpusError(f"data.text_column: {text_column!r} is not a field of {path} (fields: {', '.join(fields)})")
     if not good and bad:
         raise CorpusError(f"data.corpus: every line of {path} was skipped ({bad:,} of {bad:,} non-empty lines; "
                           f"first: {first}); each line must be a JSON object with a string field {text_column!r}")
-    if not bad:
-        return path
-    # keyed by content: an edited file gets a new copy; equal content is written once, atomically
+    return _cleaned_copy(path, good) if bad else path
+
+
+def _jsonl_line_problem(raw: bytes, text_column: str) -> tuple[str | None, list[str] | None]:
+    """Why one JSON-lines line cannot be used (None: it can) and its object's fields (None: not an object), which
+    name the available fields when no line has ``text_column``."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "not valid UTF-8", None
+    except json.JSONDecodeError as err:
+        return f"not valid JSON ({err.msg})", None
+    fields = sorted(record) if isinstance(record, dict) else None
+    if fields is None or not isinstance(record.get(text_column), str):
+        return f"no string field {text_column!r}", fields
+    return None, fields
+
+
+def _count_skipped_line(stats: dict[str, Any], where: str) -> None:
+    """Count one skipped line in the manifest's stats; the first five (over all files) are kept as examples."""
+    stats["skipped_lines"] = stats.get("skipped_lines", 0) + 1
+    examples = stats.setdefault("skipped_line_examples", [])
+    if len(examples) < 5:
+        examples.append(where)
+
+
+def _cleaned_copy(path: Path, good: list[bytes]) -> Path:
+    """The kept lines of ``path`` in the cache, keyed by content: an edited file gets a new copy; equal content
+    is written once, atomically."""
     cleaned = _writable(prepared_dir() / "cleaned") / f"{path.name.split('.')[0]}-{file_sha256(path)[:16]}.jsonl"
     if not cleaned.is_file():
         atomic_write_bytes(cleaned, b"\n".join(good) + b"\n")
