@@ -79,38 +79,13 @@ def bad_cycles(graph: dict[str, dict[str, bool]]) -> list[list[str]]:
 
 
 def strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
-    """Tarjan's algorithm; components of more than one module are import cycles."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    found: list[set[str]] = []
+    """Strongly connected components (networkx, which torch requires); those of more than one module are cycles."""
+    import networkx
 
-    def visit(node: str) -> None:
-        index[node] = low[node] = len(index)
-        stack.append(node)
-        on_stack.add(node)
-        for child in graph[node]:
-            if child not in index:
-                visit(child)
-                low[node] = min(low[node], low[child])
-            elif child in on_stack:
-                low[node] = min(low[node], index[child])
-        if low[node] == index[node]:
-            component = set()
-            while True:
-                member = stack.pop()
-                on_stack.discard(member)
-                component.add(member)
-                if member == node:
-                    break
-            if len(component) > 1:
-                found.append(component)
-
-    for node in graph:
-        if node not in index:
-            visit(node)
-    return found
+    digraph = networkx.DiGraph()
+    digraph.add_nodes_from(graph)
+    digraph.add_edges_from((node, child) for node, children in graph.items() for child in children)
+    return [set(c) for c in networkx.strongly_connected_components(digraph) if len(c) > 1]
 
 
 def test_checker_finds_cycles(tmp_path):
