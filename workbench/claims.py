@@ -306,7 +306,7 @@ def _exit_lost(claim: Claim) -> None:
     os._exit(LOST_EXIT_CODE)
 
 
-class _Heartbeat:
+class _ClaimHeartbeat:
     """One daemon thread per process refreshing every claim it holds."""
 
     def __init__(self) -> None:
@@ -342,7 +342,7 @@ class _Heartbeat:
                     print(f"warning: claim heartbeat for {claim.run_dir}: {err}", file=sys.stderr, flush=True)
 
 
-_HEARTBEAT = _Heartbeat()
+_HEARTBEAT = _ClaimHeartbeat()
 _REGISTRY: dict[Path, Claim] = {}
 _REGISTRY_LOCK = threading.Lock()
 

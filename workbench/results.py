@@ -148,14 +148,18 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / SUMMARY_FILE
-    if not path.is_file():
-        return None
+def read_json_object(path: str | Path) -> dict[str, Any] | None:
+    """A run folder's JSON record (summary.json, variant.json): its object, or None when the file is missing,
+    unreadable, not JSON or not an object (a run killed while writing, a folder copied by hand)."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
         return None
+    return value if isinstance(value, dict) else None
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    return read_json_object(Path(run_dir) / SUMMARY_FILE)
 
 
 def write_summary(run_dir: str | Path, **fields: Any) -> dict[str, Any]:

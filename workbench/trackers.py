@@ -37,7 +37,7 @@ from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 
 from workbench.config import ConfigError, RunConfig
-from workbench.results import SUMMARY_FILE, VARIANT_FILE, MetricsWriter
+from workbench.results import SUMMARY_FILE, VARIANT_FILE, MetricsWriter, read_json_object
 
 INSTALL_HINT = "pip install -e '.[trackers]'"
 _PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
@@ -56,8 +56,8 @@ def run_group(run_dir: Path) -> dict[str, Any]:
     ``{"kind": "ablation"|"study"|None, "group": name, "job": variant or trial, "root": group folder, ...}``."""
     run_dir = Path(run_dir)
     info: dict[str, Any] = {"kind": None, "group": None, "job": None, "root": run_dir.parent, "tags": {}}
-    variant = _read_json(run_dir / VARIANT_FILE)
-    summary = _read_json(run_dir / SUMMARY_FILE)
+    variant = read_json_object(run_dir / VARIANT_FILE) or {}
+    summary = read_json_object(run_dir / SUMMARY_FILE) or {}
     if variant.get("ablation"):
         info.update(kind="ablation", group=str(variant["ablation"]), job=str(variant.get("variant")))
         info["tags"] = {"ablation": variant["ablation"], "variant": variant.get("variant"),
@@ -72,14 +72,6 @@ def run_group(run_dir: Path) -> dict[str, Any]:
                 break
     info["tags"] = {k: str(v) for k, v in info["tags"].items() if v is not None}
     return info
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def flatten(tree: Any, prefix: str) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from workbench import claims
-from workbench.ablate.spec import Ablation, PlannedRun, format_seconds
+from workbench.ablate.spec import Ablation, PlannedRun
+from workbench.progress import format_seconds
 from workbench.run_files import CHECKPOINTS, CONFIG_FILE, TRAIN_LOG, VARIANT_FILE
 
 POLL_S = 1.0  # how often runs held by other processes are looked at again

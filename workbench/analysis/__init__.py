@@ -17,7 +17,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "load_results": "load", "load_run": "load", "find_runs": "load", "run_table": "load", "ResultsWarning": "load",
+    "load_results": "load", "load_run_rows": "load", "find_runs": "load", "run_table": "load", "ResultsWarning": "load",
     "run_status": "load", "default_targets": "tables",
     "best_validation": "tables", "overfitting_onset": "tables", "tokens_to_target": "tables", "speedup": "tables",
     "downstream_accuracy": "tables", "seed_summary": "tables", "validation_rows": "tables",

@@ -24,7 +24,6 @@ seq_len, n_layers, d_model, params, and ``sweep.<axis>`` for every swept ablatio
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
@@ -40,6 +39,7 @@ from workbench.results import (
     METRICS_FILE,
     SCHEMA,
     VARIANT_FILE,
+    read_json_object,
     read_metadata,
     read_metrics,
     read_summary,
@@ -186,13 +186,6 @@ def run_columns(config: dict[str, Any], record: dict[str, Any] | None, summary: 
     }
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _read_config(run_dir: Path) -> dict[str, Any] | None:
     """The run's config: the metrics file's metadata, else config.yaml; None when neither is readable."""
     config: Any = None
@@ -208,7 +201,7 @@ def _read_config(run_dir: Path) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
-def load_run(run_dir: Path, root: Path) -> pl.DataFrame | None:
+def load_run_rows(run_dir: Path, root: Path) -> pl.DataFrame | None:
     """One run's rows with its run columns, or None (with a ResultsWarning naming the run) when unreadable."""
     name = run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name
     metrics_path = run_dir / METRICS_FILE
@@ -229,7 +222,7 @@ def load_run(run_dir: Path, root: Path) -> pl.DataFrame | None:
         warnings.warn(f"run {name}: no readable config (metrics metadata or {CONFIG_FILE}); config columns are "
                       "empty", ResultsWarning, stacklevel=3)
         config = {}
-    record = _read_json(run_dir / VARIANT_FILE)
+    record = read_json_object(run_dir / VARIANT_FILE)
     columns = run_columns(config, record, read_summary(run_dir), run_dir, root)
     available = set(frame.filter(pl.col("split") == "val")["metric"].unique().to_list())
     if columns["val_metric"] not in available:
@@ -271,7 +264,7 @@ def load_results(root: str | Path) -> pl.DataFrame:
     Runs without a readable metrics file are left out with a :class:`ResultsWarning`; raises
     FileNotFoundError when ``root`` holds no readable run at all."""
     root = Path(root)
-    frames = [f for f in (load_run(run_dir, root) for run_dir in find_runs(root)) if f is not None]
+    frames = [f for f in (load_run_rows(run_dir, root) for run_dir in find_runs(root)) if f is not None]
     if not frames:
         raise FileNotFoundError(f"{root}: no readable runs (no metrics.parquet below it)")
     frame = pl.concat(_align(frames), how="vertical")
@@ -320,8 +313,8 @@ def run_status(root: str | Path, frame: pl.DataFrame | None = None, metric: str 
             status = known["status"]
             variant, seed, name = known["variant"], known["seed"], known["run_name"]
         else:
-            columns = run_columns(_read_config(run_dir) or {}, _read_json(run_dir / VARIANT_FILE), summary, run_dir,
-                                  root)
+            columns = run_columns(_read_config(run_dir) or {}, read_json_object(run_dir / VARIANT_FILE), summary,
+                                  run_dir, root)
             variant, seed, name = columns["variant"], columns["seed"], columns["run_name"]
             if loaded is not None and loaded["ablation"].n_unique() > 1:  # as load_results names them
                 variant = f"{columns['ablation']}/{variant}"

@@ -400,7 +400,9 @@ def items_in_batch(batch: dict[str, Any]) -> int:
     return int(batch["gold"].shape[0])
 
 
-def tokens_in_batch(batch: dict[str, Any]) -> int:
+def item_tokens_in_batch(batch: dict[str, Any]) -> int:
+    """Tokens of the batch's rows (context + continuation of each choice) without their padding; a training
+    batch's count is ``data.tokens_in_batch`` (every position of its packed sequences)."""
     return int(batch["length"].sum())
 
 
@@ -546,7 +548,7 @@ def build_task_evaluators(model, tokenizer, cfg: DownstreamConfig, interval: str
         log(f"[eval] {task.describe()}")
         register_metrics(model, task.metric_names)
         spec = DataSpec(task.dataloader(distributed=True), get_num_samples_in_batch=items_in_batch,
-                        get_num_tokens_in_batch=tokens_in_batch, split_batch=split_items)
+                        get_num_tokens_in_batch=item_tokens_in_batch, split_batch=split_items)
         evaluators.append(Evaluator(label=name, dataloader=spec, metric_names=metric_filter(task.metric_names),
                                     eval_interval=cfg.interval or interval,
                                     device_eval_microbatch_size=task.items_per_batch))

@@ -73,7 +73,7 @@ def _quiet(log: Callable[[str], None]) -> Callable[[str], None]:
     return lambda message: None if "already prepared" in message else log(message)
 
 
-class _Heartbeat:
+class _TrialHeartbeat:
     """Records the trial's heartbeat now and every ``interval`` seconds in a thread (as Study.optimize does)."""
 
     def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int, interval: int):
@@ -86,7 +86,7 @@ class _Heartbeat:
             with contextlib.suppress(Exception):  # a missed beat is tolerated by the grace period
                 self.storage.record_heartbeat(self.trial_id)
 
-    def __enter__(self) -> _Heartbeat:
+    def __enter__(self) -> _TrialHeartbeat:
         self.storage.record_heartbeat(self.trial_id)
         self.thread.start()
         return self
@@ -342,7 +342,7 @@ def _run_one(spec: StudySpec, storage: optuna.storages.RDBStorage, trial_id: int
     import optuna
     from optuna.trial import TrialState
 
-    with _Heartbeat(storage, trial_id, spec.heartbeat_interval):
+    with _TrialHeartbeat(storage, trial_id, spec.heartbeat_interval):
         try:
             return TrialState.COMPLETE, run_trial(spec, trial, frozen, log), None
         except optuna.TrialPruned as err:
