@@ -103,3 +103,18 @@ def test_tune_adopts_a_retried_trial_stored_before_a_key_gained_a_default(tmp_pa
     changed = stored_run(tmp_path / "t2", make_config({"name": "study-t2-seed7", "optimizer": {"lr": 0.01}}))
     assert not _adopt_attempt(changed, tmp_path / "t4", config, messages.append)
     assert not (tmp_path / "t4").exists()
+
+
+def test_the_progress_display_is_not_part_of_a_runs_identity(tmp_path):
+    """trainer.progress_bar only changes what a terminal shows (like loggers:): a run stored with the bar off is
+    resumed with it on, and the other way round. Before: refused as a different config (trainer.progress_bar)."""
+    for stored_bar in (False, True):
+        stored = make_config({"trainer": {"progress_bar": stored_bar}})
+        run_dir = stored_run(tmp_path / str(stored_bar), stored, status="running")
+        toggled = make_config({"trainer": {"progress_bar": not stored_bar}})
+        assert check_run_dir(toggled, run_dir, resume=True) == "resume"
+        write_summary(run_dir, status="complete")
+        assert check_run_dir(toggled, run_dir, resume=True) == "complete"
+    # a trainer key that changes the run is still one
+    with pytest.raises(RunExistsError, match=r"trainer\.log_interval \(stored 4, now 5\)"):
+        check_run_dir(make_config({"trainer": {"log_interval": 5}}), run_dir, resume=True)

@@ -54,6 +54,10 @@ def run_dir_for(config: RunConfig, run_dir: str | Path | None = None) -> Path:
     return Path(run_dir) if run_dir is not None else results_dir() / config.name
 
 
+# keys that change what is shown or mirrored, never a result: a stored run with other values is the same run
+NOT_IDENTITY = ("loggers", "trainer.progress_bar")  # trackers; the terminal's bar or plain lines
+
+
 def check_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> str:
     """'new', 'resume' or 'complete'; refuses a changed config or an existing run without ``resume``."""
     from workbench.config import config_differences
@@ -62,7 +66,7 @@ def check_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> str:
     if not config_path.exists():
         return "new"
     try:  # by value: a key added to the schema since the run was stored takes its default and changes nothing
-        differences = config_differences(config_path, config, ignore=("loggers",))  # trackers change no result
+        differences = config_differences(config_path, config, ignore=NOT_IDENTITY)
     except ConfigError as err:
         raise RunExistsError(f"{run_dir} holds a run with a different config that cannot be compared ({err}); "
                              "refusing to mix results: choose another run name or delete the folder") from None
