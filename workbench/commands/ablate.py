@@ -76,7 +76,7 @@ def _devices(args: argparse.Namespace, launcher: str) -> tuple[list[str] | None,
 
 def run(args: argparse.Namespace) -> int:
     from workbench import ablate
-    from workbench.paths import results_dir
+    from workbench.paths import check_writable_folder, results_dir
 
     only = [name.strip() for item in args.only for name in item.split(",") if name.strip()]
     if args.parallel is not None and args.parallel < 1:
@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     devices, nproc = _devices(args, launcher)
     spec = _slurm_spec(args, ablation)  # a bad slurm: section or flag is named before anything else happens
     root = Path(args.results) if args.results else results_dir()
+    check_writable_folder(root / ablation.name, "results folder", "pass --results with a writable folder" if
+                          args.results else "set WORKBENCH_RESULTS to a writable folder (or pass --results)")
 
     ablate.assess(ablation.runs)
     pending = [run for run in ablation.runs if run.state in ("new", "resume")]

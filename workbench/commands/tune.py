@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     from datasets_prep.corpus import prepare
     from workbench.config import ConfigError
+    from workbench.paths import check_writable_folder
     from workbench.tune.spec import load_study_spec
     from workbench.tune.study import connect, default_storage, open_study
     from workbench.tune.summary import summarize
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.executor == "slurm" and url.startswith("sqlite"):
         raise ConfigError("command line", "--storage", "Slurm workers run on several nodes: give a server storage "
                           "(postgresql://...); a SQLite file is not safe across hosts")
+    check_writable_folder(spec.results, "study results folder", "set WORKBENCH_RESULTS to a writable folder")
     storage = connect(spec, url)
     if args.summary:
         return summarize(spec, storage, url)
