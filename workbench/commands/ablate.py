@@ -109,6 +109,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.executor != "local":
         return _submit(args, ablation, pending, spec)
+    return _run_here(ablation, pending, slots if subprocesses else None, launcher, seconds, root)
+
+
+def _run_here(ablation: Any, pending: list, slots: list | None, launcher: str,
+              seconds: dict[str, float] | None, root: Path) -> int:
+    """--executor local: train the pending runs on this machine (in-process, or one subprocess per slot)."""
+    from workbench import ablate
+
     for run in ablation.runs:
         if run.state == "complete":
             ablate.write_variant_file(run, ablation)  # keep the metadata current
@@ -117,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     start = time.time()
     ablate.prepare_data(pending)
-    runner = ablate.Runner(pending, ablation, slots if subprocesses else None, launcher, seconds)
+    runner = ablate.Runner(pending, ablation, slots, launcher, seconds)
     try:
         outcome = runner.run()
     except KeyboardInterrupt:
