@@ -13,10 +13,10 @@ from conftest import make_config
 
 PACKAGE = Path(__file__).resolve().parent.parent / "workbench"
 
-# each was defined twice: the same logic (the run-folder JSON reader) or one name for two jobs (load_run: a
-# checkpoint's model vs. a results folder's rows; tokens_in_batch: packed sequences vs. task rows; _Heartbeat: an
-# Optuna trial's heartbeat vs. run claims)
-ONCE = ("read_json_object", "_read_json", "load_run", "tokens_in_batch", "_Heartbeat")
+# each was defined twice: the same logic (format_seconds, the run-folder JSON reader) or one name for two jobs
+# (load_run: a checkpoint's model vs. a results folder's rows; tokens_in_batch: packed sequences vs. task rows;
+# _Heartbeat: an Optuna trial's heartbeat vs. run claims; _seeds: a study's count vs. an ablation's seed)
+ONCE = ("format_seconds", "read_json_object", "_read_json", "load_run", "tokens_in_batch", "_Heartbeat", "_seeds")
 
 
 def module_level_definitions() -> dict[str, list[str]]:

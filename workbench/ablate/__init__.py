@@ -34,8 +34,9 @@ A run's config is merged in this order: base, variant overrides, the variant's o
 grid, zip and repetition, then (``--smoke`` / ``--scale NAME``) the scale's overrides, then ``name`` and
 ``seed``. Axes may not touch the same key as each other, and a scale's overrides may not touch a key any variant
 or axis sets (they would silently erase the comparison). A scale other than smoke names the ablation
-``<name>-<scale>`` (its folder and run names), so two scales of one study never share runs. Every run is
-validated through :func:`workbench.config.config_from_dict`
+``<name>-<scale>`` (its folder and run names), so two scales of one study never share runs. The file itself
+is validated by the run-config builder (typed sections in :mod:`workbench.ablate.schema`; every scale block,
+whichever scale runs), and every run through :func:`workbench.config.config_from_dict`
 before anything trains; errors name the file, the variant and the dotted key.
 
 Variant names join the explicit name and one fragment per axis point with ``-``: numbers and booleans are
@@ -101,12 +102,12 @@ from workbench.ablate.spec import (
     PlannedRun,
     Variant,
     format_count,
-    format_seconds,
     load_ablation,
     parse_axes,
     parse_repetition,
     select_variants,
 )
+from workbench.progress import format_seconds
 
 __all__ = [
     "STARTUP_S", "VARIANT_FILE", "Ablation", "Axis", "Outcome", "PlannedRun", "Runner", "Slot", "Variant", "assess",

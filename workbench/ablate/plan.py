@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 from workbench import claims
-from workbench.ablate.spec import Ablation, PlannedRun, format_count, format_seconds
+from workbench.ablate.spec import Ablation, PlannedRun, format_count
 from workbench.config import RunConfig
 from workbench.durations import epoch_tokens, split_duration
+from workbench.progress import format_seconds
 from workbench.tokenizer import vocab_size_of
 
 STARTUP_S = 5.0  # per-run start-up (imports, model and trainer construction) measured for tiny models on CPU

@@ -6,30 +6,24 @@ from __future__ import annotations
 import copy
 import fnmatch
 import itertools
-import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workbench.ablate.schema import NAME, UNSET, AblationFile, RepetitionBlock, ScaleBlock, read_ablation_file
 from workbench.config import (
     ConfigError,
     RunConfig,
-    check_keys,
+    build_dataclass,
     config_from_dict,
     deep_merge,
     read_yaml,
     set_dotted,
 )
-from workbench.durations import parse_count
 from workbench.run_files import VARIANT_FILE  # noqa: F401 (ablate.VARIANT_FILE)
 
-TOP_KEYS = ("name", "description", "base", "seeds", "variants", "grid", "zip", "repetition", "smoke", "scales",
-            "parallel", "slurm")
 VARIANT_KEYS = ("name", "description", "grid", "zip")  # everything else in a variant is a run-config override
-SMOKE_KEYS = ("overrides", "seeds", "grid", "zip", "repetition")
-REPETITION_KEYS = ("unique_tokens", "epochs", "total_tokens")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -104,13 +98,6 @@ def format_count(n: float) -> str:
             value = n / scale
             return f"{value:.3g}{suffix}" if value != int(value) else f"{int(value)}{suffix}"
     return f"{n:g}"
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def expand_dotted(tree: Any) -> Any:
@@ -189,93 +176,52 @@ def parse_axes(raw: Any, source: str, key: str) -> list[Axis]:
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(source, key, "expected a non-empty mapping of axes (dotted.key: [values], or "
                           "alias: {key: dotted.key, values: [...]})")
-    axes = []
-    for name, spec in raw.items():
-        where = f"{key}.{name}"
-        if isinstance(spec, dict) and "key" in spec:
-            unknown = set(spec) - {"key", "values"}
-            if unknown:
-                raise ConfigError(source, f"{where}.{sorted(unknown)[0]}", "unknown key; an aliased axis has key "
-                                  "and values")
-            dotted, values = spec["key"], spec.get("values")
-            if not isinstance(dotted, str) or not dotted:
-                raise ConfigError(source, f"{where}.key", "expected a dotted config key such as optimizer.lr")
-        else:
-            dotted, values, name = str(name), spec, str(name).split(".")[-1]
-        if isinstance(values, dict):
-            points = [(str(label), value) for label, value in values.items()]
-        elif isinstance(values, list):
-            for value in values:
-                if isinstance(value, dict | list):
-                    raise ConfigError(source, where, "mapping or list values need labels: write values as "
-                                      "{label: value, ...}")
-            points = [(_label(name, value), value) for value in values]
-        else:
-            raise ConfigError(source, where, f"expected a list of values (or a mapping label: value), got {values!r}")
-        if not points:
-            raise ConfigError(source, where, "empty axis: give at least one value")
-        labels = [label for label, _ in points]
-        if len(set(labels)) != len(labels):
-            raise ConfigError(source, where, f"repeated values/labels {labels}")
-        axes.append(Axis(name, dotted, points))
-    return axes
+    return [_axis(name, spec, source, f"{key}.{name}") for name, spec in raw.items()]
+
+
+def _axis(name: Any, spec: Any, source: str, where: str) -> Axis:
+    """One axis entry: ``dotted.key: values`` or ``alias: {key: dotted.key, values: values}``."""
+    if isinstance(spec, dict) and "key" in spec:
+        unknown = set(spec) - {"key", "values"}
+        if unknown:
+            raise ConfigError(source, f"{where}.{sorted(unknown)[0]}", "unknown key; an aliased axis has key "
+                              "and values")
+        dotted, values = spec["key"], spec.get("values")
+        if not isinstance(dotted, str) or not dotted:
+            raise ConfigError(source, f"{where}.key", "expected a dotted config key such as optimizer.lr")
+    else:
+        dotted, values, name = str(name), spec, str(name).split(".")[-1]
+    points = _axis_points(str(name), values, source, where)
+    labels = [label for label, _ in points]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(source, where, f"repeated values/labels {labels}")
+    return Axis(str(name), dotted, points)
+
+
+def _axis_points(name: str, values: Any, source: str, where: str) -> list[tuple[str, Any]]:
+    """(label, value) per point: labels as written for a mapping, else made from the axis name and the value."""
+    if isinstance(values, dict):
+        points = [(str(label), value) for label, value in values.items()]
+    elif isinstance(values, list):
+        if any(isinstance(value, dict | list) for value in values):
+            raise ConfigError(source, where, "mapping or list values need labels: write values as "
+                              "{label: value, ...}")
+        points = [(_label(name, value), value) for value in values]
+    else:
+        raise ConfigError(source, where, f"expected a list of values (or a mapping label: value), got {values!r}")
+    if not points:
+        raise ConfigError(source, where, "empty axis: give at least one value")
+    return points
 
 
 def parse_repetition(raw: Any, source: str, key: str) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """The repetition axis -> [(label, overrides, swept)] setting data.unique_tokens and trainer.max_duration."""
     if raw is None:
         return []
-    if not isinstance(raw, dict):
-        raise ConfigError(source, key, "expected a mapping with unique_tokens and/or epochs (and optional "
-                          "total_tokens)")
-    check_keys(raw, REPETITION_KEYS, source, key)
-
-    def counts(name: str, parse: Callable[[Any], int]) -> list[int] | None:
-        if name not in raw:
-            return None
-        values = raw[name] if isinstance(raw[name], list) else [raw[name]]
-        if not values:
-            raise ConfigError(source, f"{key}.{name}", "empty axis: give at least one value")
-        try:
-            parsed = [parse(v) for v in values]
-        except ValueError as err:
-            raise ConfigError(source, f"{key}.{name}", str(err)) from None
-        if any(v <= 0 for v in parsed):
-            raise ConfigError(source, f"{key}.{name}", "must be positive")
-        return parsed
-
-    def epochs_of(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"epochs are whole numbers, got {value!r}")
-        return value
-
-    unique = counts("unique_tokens", parse_count)
-    epochs = counts("epochs", epochs_of)
-    total = raw.get("total_tokens")
-    if total is not None:
-        try:
-            total = parse_count(total)
-        except ValueError as err:
-            raise ConfigError(source, f"{key}.total_tokens", str(err)) from None
-        if (unique is None) == (epochs is None):
-            raise ConfigError(source, key, "with total_tokens give either epochs (unique = total / epochs) or "
-                              "unique_tokens (epochs = total / unique), not both")
-        if epochs is not None:
-            pairs = [(total // e, e) for e in epochs]
-        else:
-            assert unique is not None
-            for u in unique:
-                if total % u:
-                    raise ConfigError(source, f"{key}.unique_tokens", f"total_tokens {total} is not a whole number "
-                                      f"of epochs of {u} unique tokens")
-            pairs = [(u, total // u) for u in unique]
-    else:
-        if unique is None or epochs is None:
-            raise ConfigError(source, key, "give unique_tokens and epochs (their product is swept), or total_tokens "
-                              "with one of them")
-        pairs = list(itertools.product(unique, epochs))
+    block = raw if isinstance(raw, RepetitionBlock) else build_dataclass(RepetitionBlock, raw, source, key)
+    total = block.total_tokens
     out = []
-    for u, e in pairs:
+    for u, e in block.pairs():
         label = f"u{format_count(u)}-ep{e}"
         swept = {"unique_tokens": u, "epochs": e} | ({"total_tokens": total} if total is not None else {})
         out.append((label, {"data": {"unique_tokens": u}, "trainer": {"max_duration": f"{e}ep"}}, swept))
@@ -346,44 +292,113 @@ def _explicit_variants(raw: Any, source: str) -> list[tuple[str, dict[str, Any],
     raise ConfigError(source, "variants", f"expected a mapping name: overrides or a list, got {raw!r}")
 
 
-def scale_names(data: dict[str, Any]) -> list[str]:
-    """The scales a file defines: ``smoke`` (its ``smoke:`` block) and the keys of ``scales:``."""
-    scales = data.get("scales")
-    return sorted({*(["smoke"] if "smoke" in data else []), *(scales if isinstance(scales, dict) else {})})
+@dataclass
+class _Design:
+    """The file's own axes at the chosen scale (each with the dotted key its errors name) and repetition points."""
+
+    grid: list[Axis]
+    grid_key: str
+    zip: list[Axis]
+    zip_key: str
+    repetition: list[tuple[str, dict[str, Any], dict[str, Any]]]
+
+    @property
+    def axes(self) -> list[Axis]:
+        """Every axis that sets a value (the repetition points set data.unique_tokens and trainer.max_duration)."""
+        keys = ["data.unique_tokens", "trainer.max_duration"] if self.repetition else []
+        return self.grid + self.zip + [Axis("repetition", k, []) for k in keys]
 
 
-def _scale_section(data: dict[str, Any], source: str, scale: str) -> tuple[dict[str, Any], str]:
-    """A named scale's block and its dotted key: ``smoke`` is the ``smoke:`` block (or ``scales.smoke``), any other
-    name an entry of ``scales:``; both hold the same keys (overrides, seeds, grid, zip, repetition)."""
-    scales = data.get("scales")
-    if scales is not None and not isinstance(scales, dict):
-        raise ConfigError(source, "scales", "expected a mapping of scale names to blocks like smoke: "
-                          "(overrides, seeds, grid, zip, repetition)")
-    if scale == "smoke" and "smoke" in data and scales and "smoke" in scales:
-        raise ConfigError(source, "scales.smoke", "the smoke scale is defined twice (smoke: and scales.smoke)")
-    key = "smoke" if scale == "smoke" and "smoke" in data else f"scales.{scale}"
-    raw = data.get("smoke") if key == "smoke" else (scales or {}).get(scale)
-    if raw is None:
-        allowed = scale_names(data)
-        flag = "--smoke" if scale == "smoke" else f"--scale {scale}"
-        raise ConfigError(source, "smoke" if scale == "smoke" else "scales",
-                          f"{flag} needs a {'smoke: block' if scale == 'smoke' else f'scales: {scale}: block'} in "
-                          f"the ablation file; scales here: {', '.join(allowed) if allowed else 'none'}")
-    if not isinstance(raw, dict):
-        raise ConfigError(source, key, "expected a mapping with overrides, seeds, grid, zip, repetition")
-    check_keys(raw, SMOKE_KEYS, source, key, hint=f" (run-config changes go under {key}.overrides)")
-    return raw, key
+def _pick(spec: AblationFile, block: ScaleBlock | None, key: str, scale_key: str) -> tuple[Any, str]:
+    """The scale block's ``key`` when it gives one (null included), else the file's; with its dotted key."""
+    if block is not None and getattr(block, key) is not UNSET:
+        return getattr(block, key), f"{scale_key}.{key}"
+    return getattr(spec, key), key
 
 
-def _seeds(raw: Any, source: str, key: str, default: int) -> list[int]:
-    if raw is None:
+def _chosen_scale(spec: AblationFile, source: str, smoke: bool, scale: str | None
+                  ) -> tuple[str | None, ScaleBlock | None, str]:
+    """(scale name, its block, its dotted key); ``--smoke`` is the scale named smoke."""
+    if smoke and scale not in (None, "smoke"):
+        raise ConfigError(source, "--scale", f"--smoke is the scale named smoke; give --smoke or --scale {scale}")
+    scale = "smoke" if smoke else scale
+    if scale is None:
+        return None, None, "smoke"
+    block, key = spec.scale(scale, source)
+    return scale, block, key
+
+
+def _design(spec: AblationFile, block: ScaleBlock | None, scale_key: str, source: str) -> _Design:
+    grid_raw, grid_key = _pick(spec, block, "grid", scale_key)
+    zip_raw, zip_key = _pick(spec, block, "zip", scale_key)
+    rep_raw, rep_key = _pick(spec, block, "repetition", scale_key)
+    design = _Design(parse_axes(grid_raw, source, grid_key), grid_key, parse_axes(zip_raw, source, zip_key), zip_key,
+                     parse_repetition(rep_raw, source, rep_key))
+    _check_distinct_keys(design.axes, source, "grid/zip/repetition")
+    return design
+
+
+def _expand_variant(var_name: str, spec: dict[str, Any], var_key: str, design: _Design, source: str,
+                    start: int) -> list[Variant]:
+    """One ``variants:`` entry (or the whole file when it has none) x its own axes x the file's axes x repetition;
+    ``start``: the declared index of its first point."""
+    if var_name and not NAME.fullmatch(var_name):
+        raise ConfigError(source, var_key, f"variant names use letters, digits, '-', '_', '.'; got {var_name!r}")
+    overrides = _normalize_overrides({k: v for k, v in spec.items() if k not in VARIANT_KEYS}, source, var_key)
+    for reserved in ("name", "seed"):
+        if reserved in overrides:
+            raise ConfigError(source, f"{var_key}.{reserved}", "set by the ablation runner (run name and seeds)")
+    grid_own = parse_axes(spec.get("grid"), source, f"{var_key}.grid")
+    zip_own = parse_axes(spec.get("zip"), source, f"{var_key}.zip")
+    _check_distinct_keys(grid_own + zip_own + design.axes, source, var_key or "grid")
+    combos = itertools.product(_points(grid_own, "grid", source, f"{var_key}.grid"),
+                               _points(zip_own, "zip", source, f"{var_key}.zip"),
+                               _points(design.grid, "grid", source, design.grid_key),
+                               _points(design.zip, "zip", source, design.zip_key),
+                               design.repetition or [None])
+    return [_variant(var_name, overrides, [*g_own, *z_own, *g_top, *z_top], rep, start + i)
+            for i, (g_own, z_own, g_top, z_top, rep) in enumerate(combos)]
+
+
+def _variant(var_name: str, overrides: dict[str, Any], points: list[tuple[Axis, str, Any]],
+             rep: tuple[str, dict[str, Any], dict[str, Any]] | None, index: int) -> Variant:
+    """One design point: the variant's overrides with each axis value set, named by the labels."""
+    merged = copy.deepcopy(overrides)
+    fragments = [var_name] if var_name else []
+    swept: dict[str, Any] = {}
+    for axis, label, value in points:
+        point: dict[str, Any] = {}
+        set_dotted(point, axis.key or axis.name, copy.deepcopy(value))
+        merged = deep_merge(merged, point)
+        fragments.append(label)
+        swept[axis.name] = value if not isinstance(value, dict | list) else label
+    group = "-".join(fragments)
+    rep_label = None
+    if rep is not None:
+        rep_label, rep_overrides, rep_swept = rep
+        merged = deep_merge(merged, rep_overrides)
+        fragments.append(rep_label)
+        swept.update(rep_swept)
+    return Variant("-".join(fragments) or "base", group or "base", rep_label, merged, swept, index)
+
+
+def _check_scale_overrides(variants: list[Variant], overrides: dict[str, Any], scale_key: str, source: str) -> None:
+    """A scale's overrides must not overwrite what a variant sets (the comparison would silently vanish)."""
+    scale_leaves = leaf_keys(overrides)
+    for variant in variants:
+        for swept_key in leaf_keys(variant.overrides):
+            clash = next((k for k in scale_leaves if keys_overlap(k, swept_key)), None)
+            if clash is not None:
+                raise ConfigError(source, f"{scale_key}.overrides.{clash}", f"would overwrite {swept_key}, "
+                                  f"which variant {variant.name!r} sets; replace the axis under {scale_key}: "
+                                  "instead")
+
+
+def _seed_list(seeds: int | list[int] | None, default: int) -> list[int]:
+    """The file's (checked) seeds as a list; default: the base config's seed."""
+    if seeds is None:
         return [default]
-    values = raw if isinstance(raw, list) else [raw]
-    if not values or any(isinstance(s, bool) or not isinstance(s, int) for s in values):
-        raise ConfigError(source, key, f"expected a non-empty list of integer seeds, got {raw!r}")
-    if len(set(values)) != len(values):
-        raise ConfigError(source, key, f"repeated seeds {values}")
-    return list(values)
+    return list(seeds) if isinstance(seeds, list) else [seeds]
 
 
 def load_ablation(path: str | Path, smoke: bool = False, only: Iterable[str] | None = None,
@@ -398,105 +413,36 @@ def load_ablation(path: str | Path, smoke: bool = False, only: Iterable[str] | N
 
     path = Path(path)
     source = str(path)
-    data = read_yaml(path)
-    check_keys(data, TOP_KEYS, source)
-    name = str(data.get("name") or path.stem)
-    if not _NAME.fullmatch(name):
+    spec = read_ablation_file(read_yaml(path), source)
+    name = spec.name or path.stem
+    if not NAME.fullmatch(name):
         raise ConfigError(source, "name", f"use letters, digits, '-', '_', '.' (it names a folder), got {name!r}")
-    base = _base_config(data.get("base"), path)
+    base = _base_config(spec.base, path)
     base.pop("name", None)
-    if smoke and scale not in (None, "smoke"):
-        raise ConfigError(source, "--scale", f"--smoke is the scale named smoke; give --smoke or --scale {scale}")
-    scale = "smoke" if smoke else scale
-    smoke = scale == "smoke"
-    smoke_raw, scale_key = _scale_section(data, source, scale) if scale is not None else ({}, "smoke")
-    smoke_overrides = _normalize_overrides(smoke_raw.get("overrides"), source, f"{scale_key}.overrides")
-    if scale is not None and not smoke:
+    scale, block, scale_key = _chosen_scale(spec, source, smoke, scale)
+    scale_overrides = _normalize_overrides(block.overrides if block else None, source, f"{scale_key}.overrides")
+    if scale not in (None, "smoke"):
         name = f"{name}-{scale}"
-
-    def pick(key: str) -> tuple[Any, str]:
-        return (smoke_raw[key], f"{scale_key}.{key}") if key in smoke_raw else (data.get(key), key)
-
-    seeds_raw, seeds_key = pick("seeds")
-    seeds = _seeds(seeds_raw, source, seeds_key, int(base.get("seed", RunConfig.seed)))
-    grid_raw, grid_key = pick("grid")
-    zip_raw, zip_key = pick("zip")
-    rep_raw, rep_key = pick("repetition")
-    grid_axes_top = parse_axes(grid_raw, source, grid_key)
-    zip_axes_top = parse_axes(zip_raw, source, zip_key)
-    top_axes = grid_axes_top + zip_axes_top
-    repetition = parse_repetition(rep_raw, source, rep_key)
-    rep_keys = ["data.unique_tokens", "trainer.max_duration"] if repetition else []
-    _check_distinct_keys(top_axes + [Axis("repetition", k, []) for k in rep_keys], source, "grid/zip/repetition")
-
-    explicit = _explicit_variants(data.get("variants"), source) or [("", {}, "")]
+    seeds = _seed_list(_pick(spec, block, "seeds", scale_key)[0], int(base.get("seed", RunConfig.seed)))
+    design = _design(spec, block, scale_key, source)
     variants: list[Variant] = []
-    for var_name, spec, var_key in explicit:
-        if var_name and not _NAME.fullmatch(var_name):
-            raise ConfigError(source, var_key, f"variant names use letters, digits, '-', '_', '.'; got {var_name!r}")
-        overrides_raw = {k: v for k, v in spec.items() if k not in VARIANT_KEYS}
-        overrides = _normalize_overrides(overrides_raw, source, var_key)
-        for reserved in ("name", "seed"):
-            if reserved in overrides:
-                raise ConfigError(source, f"{var_key}.{reserved}", "set by the ablation runner (run name and seeds)")
-        grid_axes_own = parse_axes(spec.get("grid"), source, f"{var_key}.grid")
-        zip_axes_own = parse_axes(spec.get("zip"), source, f"{var_key}.zip")
-        all_axes = grid_axes_own + zip_axes_own + top_axes + [Axis("repetition", k, []) for k in rep_keys]
-        _check_distinct_keys(all_axes, source, var_key or "grid")
-        combos = itertools.product(_points(grid_axes_own, "grid", source, f"{var_key}.grid"),
-                                   _points(zip_axes_own, "zip", source, f"{var_key}.zip"),
-                                   _points(grid_axes_top, "grid", source, grid_key),
-                                   _points(zip_axes_top, "zip", source, zip_key),
-                                   repetition or [None])
-        for g_own, z_own, g_top, z_top, rep in combos:
-            merged = copy.deepcopy(overrides)
-            fragments = [var_name] if var_name else []
-            swept: dict[str, Any] = {}
-            for axis, label, value in [*g_own, *z_own, *g_top, *z_top]:
-                point: dict[str, Any] = {}
-                set_dotted(point, axis.key or axis.name, copy.deepcopy(value))
-                merged = deep_merge(merged, point)
-                fragments.append(label)
-                swept[axis.name] = value if not isinstance(value, dict | list) else label
-            group = "-".join(fragments)
-            rep_label = None
-            if rep is not None:
-                rep_label, rep_overrides, rep_swept = rep
-                merged = deep_merge(merged, rep_overrides)
-                fragments.append(rep_label)
-                swept.update(rep_swept)
-            full = "-".join(fragments) or "base"
-            variants.append(Variant(full, group or "base", rep_label, merged, swept, len(variants)))
+    for var_name, var_spec, var_key in _explicit_variants(spec.variants, source) or [("", {}, "")]:
+        variants += _expand_variant(var_name, var_spec, var_key, design, source, len(variants))
     names = [v.name for v in variants]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(source, "variants", f"two design points get the same name {duplicates[0]!r}; give axis "
                           "values labels (values: {label: value}) or rename the variants")
-
-    if smoke_overrides:
-        smoke_leaves = leaf_keys(smoke_overrides)
-        for variant in variants:
-            for swept_key in leaf_keys(variant.overrides):
-                clash = next((k for k in smoke_leaves if keys_overlap(k, swept_key)), None)
-                if clash is not None:
-                    raise ConfigError(source, f"{scale_key}.overrides.{clash}", f"would overwrite {swept_key}, "
-                                      f"which variant {variant.name!r} sets; replace the axis under {scale_key}: "
-                                      "instead")
-
+    _check_scale_overrides(variants, scale_overrides, scale_key, source)
     if only:
         variants = select_variants(variants, list(only), source)
-
     root = Path(results_root) if results_root is not None else results_dir()
-    parallel = data.get("parallel")
-    if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
-        raise ConfigError(source, "parallel", f"expected a whole number >= 1, got {parallel!r}")
-    ablation = Ablation(name, path, str(data.get("description") or ""), smoke, variants, seeds, parallel,
-                        data.get("slurm"), scale=scale)
+    ablation = Ablation(name, path, spec.description or "", scale == "smoke", variants, seeds, spec.parallel,
+                        spec.slurm, scale=scale)
     for variant in variants:
         for seed in seeds:
-            values = deep_merge(deep_merge(base, variant.overrides), smoke_overrides)
-            run_name = f"{name}-{variant.name}-seed{seed}"
-            values = deep_merge(values, {"name": run_name, "seed": seed})
+            values = deep_merge(deep_merge(base, variant.overrides), scale_overrides)
+            values = deep_merge(values, {"name": f"{name}-{variant.name}-seed{seed}", "seed": seed})
             config = config_from_dict(values, f"{source} (variant {variant.name})")
             ablation.runs.append(PlannedRun(name, variant, seed, config, root / name / variant.name / f"seed{seed}"))
     _check_tasks(ablation)

@@ -148,7 +148,8 @@ def check_keys(values: dict[str, Any], allowed: tuple[str, ...], source: str, pr
 
 
 def build_dataclass(cls: type, values: dict[str, Any], source: str = "<config>", prefix: str = "") -> Any:
-    """Build ``cls`` from a mapping, naming ``source`` and the dotted key in every error."""
+    """Build ``cls`` from a mapping, naming ``source`` and the dotted key in every error. A class attribute
+    ``UNKNOWN_KEY_HINT`` (``{prefix}``: the section's dotted key) is added to the unknown-key message."""
     if not isinstance(values, dict):
         raise ConfigError(source, prefix, f"expected a mapping of {cls.__name__} keys, got {values!r}")
     hints = typing.get_type_hints(cls)
@@ -157,8 +158,9 @@ def build_dataclass(cls: type, values: dict[str, Any], source: str = "<config>",
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in fields:
+            hint = getattr(cls, "UNKNOWN_KEY_HINT", "").format(prefix=prefix)  # e.g. where such keys belong
             raise ConfigError(source, key, f"unknown key; allowed in {prefix or 'the top level'}: "
-                              f"{', '.join(sorted(fields))}")
+                              f"{', '.join(sorted(fields))}{hint}")
         parse = fields[name].metadata.get("parse")
         if parse is not None:
             try:
