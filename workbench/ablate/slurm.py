@@ -77,32 +77,46 @@ def parse_slurm(raw: Any, source: str, key: str = "slurm") -> SlurmSpec:
     check_keys(raw, SLURM_KEYS, source, key)
     for name in ("partition", "account", "mem"):
         if raw.get(name) is not None:
-            if not isinstance(raw[name], str | int) or isinstance(raw[name], bool) or not str(raw[name]).strip():
-                raise ConfigError(source, f"{key}.{name}", f"expected a non-empty string, got {raw[name]!r}")
-            setattr(spec, name, str(raw[name]))
+            setattr(spec, name, _non_empty_string(raw[name], source, f"{key}.{name}"))
     for name, least in (("gpus_per_run", 0), ("cpus_per_run", 1), ("array_parallelism", 1)):
-        value = raw.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ConfigError(source, f"{key}.{name}", f"expected a whole number >= {least}, got {value!r}")
-        setattr(spec, name, value)
+        if raw.get(name) is not None:
+            setattr(spec, name, _whole_number(raw[name], least, source, f"{key}.{name}"))
     if raw.get("time") is not None:
         spec.time_min = parse_time(raw["time"], source, f"{key}.time")
-    setup = raw.get("setup")
-    if setup is not None:
-        if not isinstance(setup, list) or not all(isinstance(line, str) for line in setup):
-            raise ConfigError(source, f"{key}.setup", f"expected a list of shell lines, got {setup!r}")
-        spec.setup = list(setup)
-    sbatch = raw.get("sbatch")
-    if sbatch is not None:
-        if not isinstance(sbatch, dict):
-            raise ConfigError(source, f"{key}.sbatch", f"expected a mapping option: value, got {sbatch!r}")
-        for option, value in sbatch.items():
-            if isinstance(value, dict | list) or value is None:
-                raise ConfigError(source, f"{key}.sbatch.{option}", f"expected a plain value, got {value!r}")
-        spec.sbatch = {str(k).lstrip("-"): str(v) if not isinstance(v, bool) else v for k, v in sbatch.items()}
+    if raw.get("setup") is not None:
+        spec.setup = _setup_lines(raw["setup"], source, f"{key}.setup")
+    if raw.get("sbatch") is not None:
+        spec.sbatch = _sbatch_options(raw["sbatch"], source, f"{key}.sbatch")
     return spec
+
+
+def _non_empty_string(value: Any, source: str, key: str) -> str:
+    """A name such as a partition (YAML may read a numeric one as an int)."""
+    if not isinstance(value, str | int) or isinstance(value, bool) or not str(value).strip():
+        raise ConfigError(source, key, f"expected a non-empty string, got {value!r}")
+    return str(value)
+
+
+def _whole_number(value: Any, least: int, source: str, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(source, key, f"expected a whole number >= {least}, got {value!r}")
+    return value
+
+
+def _setup_lines(setup: Any, source: str, key: str) -> list[str]:
+    if not isinstance(setup, list) or not all(isinstance(line, str) for line in setup):
+        raise ConfigError(source, key, f"expected a list of shell lines, got {setup!r}")
+    return list(setup)
+
+
+def _sbatch_options(sbatch: Any, source: str, key: str) -> dict[str, Any]:
+    """Extra ``#SBATCH`` options, option: value (leading dashes dropped; values as strings, booleans kept)."""
+    if not isinstance(sbatch, dict):
+        raise ConfigError(source, key, f"expected a mapping option: value, got {sbatch!r}")
+    for option, value in sbatch.items():
+        if isinstance(value, dict | list) or value is None:
+            raise ConfigError(source, f"{key}.{option}", f"expected a plain value, got {value!r}")
+    return {str(k).lstrip("-"): str(v) if not isinstance(v, bool) else v for k, v in sbatch.items()}
 
 
 def slurm_parameters(spec: SlurmSpec, name: str) -> dict[str, Any]:
