@@ -3,7 +3,8 @@
 ``results/demo`` is the output of ``ablations/demo.yaml`` (``make demo DEMO_OUT=results``). The slow test here
 retrains the first epochs of two of its variants with the same config, in a temporary folder, and compares every
 loss row written up to there with the committed ``metrics.parquet`` rows at the same steps; fast tests check that
-the committed summaries and report tables are what the committed metrics give. ``WORKBENCH_REPRO_REFERENCE``
+the committed summaries and report tables are what the committed metrics give, for the demo and for every study
+of the papers' claims under ``results/repro`` (results/repro/README.md). ``WORKBENCH_REPRO_REFERENCE``
 points the tests at another results folder of the same ablation (e.g. a fresh ``runs/demo``).
 """
 
@@ -21,12 +22,23 @@ from workbench.results import CONFIG_FILE, METRICS_FILE, read_metrics, read_summ
 DEMO = REPO_ROOT / "ablations" / "demo.yaml"
 REFERENCE = Path(os.environ.get("WORKBENCH_REPRO_REFERENCE", REPO_ROOT / "results" / "demo"))
 REGENERATE = "rm -rf results/demo && make demo DEMO_OUT=results"
+# the reproduction studies of the papers' claims (results/repro/README.md): one folder per ablation and scale
+REPRO = REPO_ROOT / "results" / "repro"
+STUDIES = [REFERENCE, *sorted(path.parent.parent for path in REPRO.glob("*/report/headline.csv"))]
+
 # mask: input-token masking (the AR path plus the masking RNG stream); mdm: the diffusion loss, its time and mask
 # RNG, and the NELBO estimator; between them every random stream and both validation metrics of the demo
 VARIANTS = ("mask", "mdm")
 EPOCHS = 4  # a third of the demo's 12: past the first PIQA/ARC-Easy evaluation (epoch 3) and the 4ep checkpoint
 TOLERANCE = 1e-3  # nats (and accuracy units); see test_demo_variants_reproduce_the_committed_curves
 COMPARED = {"train": {"loss"}, "val": None, "piqa": {"acc", "acc_norm"}, "arc_easy": {"acc", "acc_norm"}}
+
+
+def regenerate_hint(study: Path) -> str:
+    """How to bring a committed study's report back in line with its runs."""
+    if study == REFERENCE:
+        return REGENERATE
+    return f"workbench report {study.relative_to(REPO_ROOT)} (each study's command: results/repro/README.md)"
 
 
 def compared_rows(frame: pl.DataFrame) -> pl.DataFrame:
@@ -76,10 +88,11 @@ def test_curve_comparison_flags_missing_and_changed_rows():
     assert curve_mismatches(later, reference) == ["val ar_nll step 256: now 5.4000, committed missing"]
 
 
-def test_committed_summaries_match_their_metrics():
-    """summary.json's best/final values (what the README table quotes) are the committed curves' own."""
-    runs = sorted(REFERENCE.glob(f"*/seed*/{METRICS_FILE}"))
-    assert runs, f"no committed runs under {REFERENCE}"
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.name)
+def test_committed_summaries_match_their_metrics(study):
+    """summary.json's best/final values (what the README tables quote) are the committed curves' own."""
+    runs = sorted(study.glob(f"*/seed*/{METRICS_FILE}"))
+    assert runs, f"no committed runs under {study}"
     for path in runs:
         summary, frame = read_summary(path.parent), read_metrics(path)
         assert summary is not None and frame is not None and summary["status"] == "complete", path.parent
@@ -91,22 +104,28 @@ def test_committed_summaries_match_their_metrics():
                 assert summary[f"final_{metric}"] == pytest.approx(rows["value"][-1], abs=1e-12), path.parent
 
 
-def test_committed_report_is_the_report_of_the_committed_runs(tmp_path):
-    """results/<ablation>/report/*.csv equal what ``workbench report`` computes from the committed runs today."""
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.name)
+def test_committed_report_is_the_report_of_the_committed_runs(study, tmp_path):
+    """<study>/report/*.csv (every committed table, the seed-spread table included) equal what ``workbench
+    report`` computes from the study's committed runs today, so tables and data cannot drift apart."""
     from workbench.analysis.report import write_report
 
-    committed = REFERENCE / "report"
-    fresh = write_report(REFERENCE, tmp_path / "report", draw=False).out_dir
-    for name in ("headline", "best_loss", "overfitting", "tokens_to_target", "speedup", "runs"):
-        assert (committed / f"{name}.csv").is_file(), f"{committed / name}.csv missing: regenerate with {REGENERATE}"
+    committed, hint = study / "report", regenerate_hint(study)
+    fresh = write_report(study, tmp_path / "report", draw=False).out_dir
+    required = ("headline", "best_loss", "overfitting", "tokens_to_target", "speedup", "runs", "seeds")
+    names = sorted({*required, *(path.stem for path in committed.glob("*.csv"))})
+    for name in names:
+        assert (committed / f"{name}.csv").is_file(), f"{committed / name}.csv missing: regenerate with {hint}"
+        assert (fresh / f"{name}.csv").is_file(), f"the report no longer writes {name}.csv; regenerate: {hint}"
         now, then = pl.read_csv(fresh / f"{name}.csv"), pl.read_csv(committed / f"{name}.csv")
-        assert now.columns == then.columns, f"{name}.csv is stale (columns {then.columns}); regenerate: {REGENERATE}"
+        assert now.columns == then.columns, f"{name}.csv is stale (columns {then.columns}); regenerate: {hint}"
         for column in now.columns:
             if now[column].dtype.is_float():
                 assert now[column].to_list() == pytest.approx(then[column].to_list(), abs=1e-9, nan_ok=True), \
-                    f"{name}.csv column {column} is stale; regenerate: {REGENERATE}"
+                    f"{study.name}/report/{name}.csv column {column} is stale; regenerate: {hint}"
             else:
-                assert now[column].to_list() == then[column].to_list(), f"{name}.csv column {column} is stale"
+                assert now[column].to_list() == then[column].to_list(), \
+                    f"{study.name}/report/{name}.csv column {column} is stale; regenerate: {hint}"
 
 
 @pytest.mark.slow
