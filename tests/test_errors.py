@@ -78,6 +78,8 @@ CASES = [
     ("ablation-file-path-base",
      {"abl.yaml": "name: abl\nbase: tiny.yaml\nvariants: {ar: {}, mdm: {objective.name: mdm}}\n"},
      ["train", "abl.yaml"], {}, ["abl.yaml: ", "ablation file", "workbench ablate abl.yaml"], []),
+    ("ablation-file-scales-only", {"abl.yaml": TINY_BASE + "scales: {cpu: {overrides: {seed: 1}}}\n"},
+     ["train", "abl.yaml"], {}, ["abl.yaml: scales: ", "ablation file", "workbench ablate abl.yaml"], []),
     ("study-file", {"study.yaml": "name: s\nrun: {base: tiny.yaml}\n"
                                   "search_space: {optimizer.lr: {low: 1e-4, high: 1e-2}}\n"
                                   "objective: {metric: val/ar_nll}\nn_trials: 2\n"},

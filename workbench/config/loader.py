@@ -152,7 +152,7 @@ def _source_of(key: str, sources: dict[str, str], default: str) -> str:
 
 # top-level keys that mark the other YAML files (workbench ablate / workbench tune) when given to `workbench train`
 _STUDY_KEYS = ("search_space", "run", "n_trials", "objectives", "sampler", "pruner", "enqueue")
-_ABLATION_KEYS = ("variants", "grid", "zip", "repetition", "seeds", "smoke", "parallel")
+_ABLATION_KEYS = ("variants", "grid", "zip", "repetition", "seeds", "smoke", "scales", "parallel", "slurm")
 
 
 def refuse_other_file_kinds(data: dict[str, Any], path: Path) -> None:
