@@ -217,10 +217,19 @@ def _light_env_info() -> Iterator[None]:
                         "lm_eval_version": version("lm_eval"), "transformers_version": "not used"})
 
     lm_eval.evaluator.add_env_info = versions_only
+    # the harness bootstraps the stderr of perplexity-like metrics in a fork-based multiprocessing.Pool: forking
+    # this many-threaded process deadlocked the suite (pytest hung in Pool.join under lambada's perplexity);
+    # threads run the same bootstrap without forking (ThreadPool has the same imap API)
+    import multiprocessing
+    import multiprocessing.pool
+
+    original_pool = multiprocessing.Pool
+    multiprocessing.Pool = multiprocessing.pool.ThreadPool
     try:
         yield
     finally:
         lm_eval.evaluator.add_env_info = original
+        multiprocessing.Pool = original_pool
 
 
 def task_manager(include: list[str] | None = None, defaults: bool = True):
