@@ -51,3 +51,27 @@ def make_config(overrides: dict | None = None) -> RunConfig:
 def tiny_config():
     """Factory: ``tiny_config({"objective": {"name": "mdm"}, "name": "x"})`` -> validated RunConfig."""
     return make_config
+
+
+@pytest.fixture(autouse=True)
+def _release_streaming_shared_memory():
+    """Tests build many runs in one process; Streaming registers every shared-memory segment it opens with
+    atexit, so their descriptors stay open until the process exits, which once exhausted the open-file limit
+    mid-suite. Release each test's datasets, and sweep every leftover segment when descriptors pile up."""
+    yield
+    import atexit
+    import gc
+
+    from streaming.base.shared.memory import SharedMemory
+
+    from workbench.data import TokenShards, release_shared_memory
+
+    release_shared_memory(list(TokenShards.live))
+    if len(os.listdir("/proc/self/fd")) < 1000:
+        return
+    for segment in [obj for obj in gc.get_objects() if isinstance(obj, SharedMemory)]:
+        atexit.unregister(segment.cleanup)
+        try:
+            segment.cleanup()
+        except BufferError:
+            atexit.register(segment.cleanup)

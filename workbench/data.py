@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -32,6 +33,11 @@ class TokenShards(StreamingDataset):
     uninterrupted run). A finished epoch is recorded here as the start of the next one."""
 
     BOUNDARY_KEY = "workbench_epoch_boundary_fix"  # marks states written with the correction (older ones lack it)
+    live: ClassVar[weakref.WeakSet] = weakref.WeakSet()  # for release_shared_memory by long-lived callers
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        TokenShards.live.add(self)
 
     def get_item(self, idx: int) -> dict[str, Any]:
         return {"tokens": super().get_item(idx)["tokens"], "index": idx}
@@ -118,3 +124,39 @@ def build_loader(path: str | Path, global_batch_size: int, shuffle: bool, seed: 
                                  drop_last=False, persistent_workers=num_workers > 0,
                                  generator=torch.Generator().manual_seed(seed))
     return DataSpec(loader, get_num_tokens_in_batch=tokens_in_batch, get_num_samples_in_batch=sequences_in_batch)
+
+
+def release_shared_memory(datasets: list[Any]) -> int:
+    """Close the shared-memory segments of finished StreamingDatasets; the number of segments closed.
+
+    Streaming registers every segment's ``cleanup`` with ``atexit``, so a process that trains many runs in turn
+    (a tune worker, the test suite) keeps each run's ~36 descriptors until it exits and eventually hits the
+    open-file limit. Streaming has no close(): this unregisters and runs those cleanups once the run is over."""
+    import atexit
+    import gc
+
+    from streaming.base.shared.memory import SharedMemory
+
+    segments: list[SharedMemory] = []
+
+    def collect(value: Any, depth: int = 0) -> None:
+        if isinstance(value, SharedMemory):
+            segments.append(value)
+        elif depth < 2 and hasattr(value, "__dict__") and not isinstance(value, type):
+            for inner in vars(value).values():
+                collect(inner, depth + 1)
+
+    for dataset in datasets:
+        if isinstance(dataset, StreamingDataset):
+            for value in vars(dataset).values():
+                collect(value)
+    gc.collect()  # numpy views of the segments' buffers must be gone before close()
+    closed = 0
+    for segment in segments:
+        atexit.unregister(segment.cleanup)
+        try:
+            segment.cleanup()
+            closed += 1
+        except BufferError:  # a view is still alive somewhere: leave this one to atexit, as Streaming would
+            atexit.register(segment.cleanup)
+    return closed

@@ -347,10 +347,21 @@ def _train_held(config: RunConfig, target: Path, resume: bool, extra_callbacks: 
         status = "pruned" if type(err).__name__ == "TrialPruned" else "failed"  # Optuna stops trials by raising
         write_summary(built.run_dir, status=status, error=f"{type(err).__name__}: {err}",
                       traceback=traceback.format_exc(limit=8))
-        built.trainer.close()
+        _close(built)
         raise
-    built.trainer.close()
+    _close(built)
     return finish_summary(built)
+
+
+def _close(built: BuiltRun) -> None:
+    """Close the trainer and the run's Streaming shared memory (see data.release_shared_memory)."""
+    from workbench.data import release_shared_memory
+
+    state = built.trainer.state
+    datasets = [getattr(state.train_dataloader, "dataset", None)]
+    datasets += [getattr(evaluator.dataloader.dataloader, "dataset", None) for evaluator in state.evaluators]
+    built.trainer.close()
+    release_shared_memory(datasets)
 
 
 def finish_summary(built: BuiltRun) -> dict[str, Any]:
