@@ -59,19 +59,12 @@ def _release_streaming_shared_memory():
     atexit, so their descriptors stay open until the process exits, which once exhausted the open-file limit
     mid-suite. Release each test's datasets, and sweep every leftover segment when descriptors pile up."""
     yield
-    import atexit
     import gc
 
     from streaming.base.shared.memory import SharedMemory
 
-    from workbench.data import TokenShards, release_shared_memory
+    from workbench.data import TokenShards, close_segments, release_shared_memory
 
     release_shared_memory(list(TokenShards.live))
-    if len(os.listdir("/proc/self/fd")) < 1000:
-        return
-    for segment in [obj for obj in gc.get_objects() if isinstance(obj, SharedMemory)]:
-        atexit.unregister(segment.cleanup)
-        try:
-            segment.cleanup()
-        except BufferError:
-            atexit.register(segment.cleanup)
+    if len(os.listdir("/proc/self/fd")) >= 1000:
+        close_segments([obj for obj in gc.get_objects() if isinstance(obj, SharedMemory)])

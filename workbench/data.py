@@ -132,7 +132,6 @@ def release_shared_memory(datasets: list[Any]) -> int:
     Streaming registers every segment's ``cleanup`` with ``atexit``, so a process that trains many runs in turn
     (a tune worker, the test suite) keeps each run's ~36 descriptors until it exits and eventually hits the
     open-file limit. Streaming has no close(): this unregisters and runs those cleanups once the run is over."""
-    import atexit
     import gc
 
     from streaming.base.shared.memory import SharedMemory
@@ -151,12 +150,20 @@ def release_shared_memory(datasets: list[Any]) -> int:
             for value in vars(dataset).values():
                 collect(value)
     gc.collect()  # numpy views of the segments' buffers must be gone before close()
+    return close_segments(segments)
+
+
+def close_segments(segments: list[Any]) -> int:
+    """Run Streaming SharedMemory cleanups now instead of at exit; the number closed (a segment whose buffer is
+    still viewed somewhere is left to atexit, as Streaming would)."""
+    import atexit
+
     closed = 0
     for segment in segments:
         atexit.unregister(segment.cleanup)
         try:
             segment.cleanup()
             closed += 1
-        except BufferError:  # a view is still alive somewhere: leave this one to atexit, as Streaming would
+        except BufferError:
             atexit.register(segment.cleanup)
     return closed
