@@ -21,9 +21,10 @@ _EXPORTS = {
     "run_status": "load", "default_targets": "tables",
     "best_validation": "tables", "overfitting_onset": "tables", "tokens_to_target": "tables", "speedup": "tables",
     "downstream_accuracy": "tables", "seed_summary": "tables", "validation_rows": "tables",
-    "unigram_entropy": "tables", "with_val_metric": "tables",
+    "unigram_entropy": "tables", "with_val_metric": "tables", "compute_gap": "tables", "single_epoch_runs": "tables",
     "validation_curves": "figures", "downstream_curves": "figures", "best_vs_strength": "figures",
-    "alpha_repetition_heatmap": "figures", "save": "figures",
+    "best_loss_vs_repetition": "figures", "best_loss_vs_alpha": "figures", "alpha_repetition_heatmap": "figures",
+    "save": "figures",
     "write_report": "report", "headline_table": "report", "to_markdown": "report", "resolve_targets": "report",
 }
 __all__ = [*_EXPORTS, "add_arguments", "run"]

@@ -26,9 +26,11 @@ from workbench.analysis.tables import (
     unigram_entropy,
     validation_rows,
 )
+from workbench.analysis.tables import declared_order as _order
 
 LOSS_LABEL = {"val_loss": "validation loss (nats/token)", "ar_nll": "validation AR NLL (nats/token)",
               "mdm_nelbo": "validation MDM NELBO (nats/token, bound)"}
+LINE = "group (metric)"  # best_loss_vs_repetition's hue: the metric is part of each line's name
 BASELINE_STYLE = {"color": "0.35", "linestyle": "--", "linewidth": 1.0, "zorder": 0}
 
 
@@ -36,14 +38,6 @@ def _theme() -> None:
     sns.set_theme(style="whitegrid", context="paper", font_scale=1.1)
     plt.rcParams["svg.fonttype"] = "none"  # text stays text: small, searchable SVGs
     plt.rcParams["svg.hashsalt"] = "workbench"  # deterministic element ids: re-running a report gives no diff
-
-
-def _order(frame: pl.DataFrame, column: str) -> list:
-    """Values of ``column`` in declared variant order."""
-    if "order" in frame.columns:
-        ranked = frame.group_by(column).agg(pl.col("order").min()).sort(["order", column], nulls_last=True)
-        return ranked[column].to_list()
-    return sorted(frame[column].unique().to_list())
 
 
 def _hue(frame: pl.DataFrame) -> str:
@@ -156,6 +150,91 @@ def best_vs_strength(frame: pl.DataFrame, metric: str = "val_loss"):
     ax.set_title("Best and final validation loss vs. regularization strength")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
+
+
+def _epoch_axis(ax, epochs: Sequence[float]) -> None:
+    """A log2 epochs axis with a tick at each epoch value the runs planned (1, 8, 64, not 2^k in general)."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(epochs))
+    ax.set_xticklabels([f"{e:g}" for e in epochs])
+    ax.minorticks_off()
+
+
+def best_loss_vs_repetition(frame: pl.DataFrame, metric: str = "val_loss"):
+    """Best (solid) and final (dashed) validation loss vs. epochs of repetition, one colour per group (variant
+    without its repetition point), mean over seeds with a band of their standard deviation. Each line's legend
+    label names its metric: an AR NLL and an MDM NELBO (upper bound) are different quantities. Dual runs have
+    their own views (:func:`best_loss_vs_alpha`, :func:`alpha_repetition_heatmap`) and are left out; None when
+    the runs do not sweep repetition (fewer than two planned epoch counts)."""
+    best = best_validation(frame, metric)
+    if "planned_epochs" not in best.columns:
+        return None
+    if "objective" in best.columns:
+        best = best.filter(pl.col("objective").ne_missing("dual"))
+    best = best.filter(pl.col("planned_epochs").is_not_null())
+    if best.is_empty() or best["planned_epochs"].n_unique() < 2:
+        return None
+    hue = "group" if "group" in best.columns else "variant"
+    best = best.with_columns(pl.format("{} ({})", pl.col(hue), pl.col("metric")).alias(LINE))
+    index = [c for c in (LINE, hue, "planned_epochs", "seed", "order") if c in best.columns]
+    data = best.unpivot(on=["best", "final"], index=index, variable_name="loss", value_name="value")
+    _theme()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    sns.lineplot(data=data.to_pandas(), x="planned_epochs", y="value", hue=LINE, hue_order=_order(data, LINE),
+                 style="loss", style_order=["best", "final"], marker="o", ax=ax,
+                 errorbar="sd" if _multi_seed(data, LINE) else None)
+    draw_baseline(ax, unigram_entropy(frame))
+    _epoch_axis(ax, sorted(best["planned_epochs"].unique().to_list()))
+    ax.set_xlabel("epochs of repetition (passes over the unique tokens)")
+    metrics = best["metric"].unique().to_list()
+    ax.set_ylabel(LOSS_LABEL.get(metrics[0], metrics[0]) if len(metrics) == 1
+                  else "validation loss (nats/token; metric per line)")
+    ax.set_title("Best and final validation loss vs. repetition")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fig
+
+
+def best_loss_vs_alpha(frame: pl.DataFrame):
+    """Best validation loss of the dual runs vs. AR fraction alpha, one panel per validation metric they report
+    (AR NLL, MDM NELBO), one line per repetition level, mean over seeds with a band of their standard deviation.
+    None when there are no dual runs at two or more alphas."""
+    if "ar_fraction" not in frame.columns or "objective" not in frame.columns:
+        return None
+    dual = frame.filter(pl.col("objective") == "dual")
+    if dual.is_empty() or dual["ar_fraction"].n_unique() < 2:
+        return None
+    metrics = [m for m in ("ar_nll", "mdm_nelbo")
+               if not dual.filter((pl.col("split") == "val") & (pl.col("metric") == m)).is_empty()]
+    entropy = unigram_entropy(frame)
+    _theme()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        best = _with_repetition_label(best_validation(dual, metric))
+        sns.lineplot(data=best.to_pandas(), x="ar_fraction", y="best", hue="repetition level",
+                     hue_order=_order(best, "repetition level"), marker="o", ax=ax,
+                     errorbar="sd" if _multi_seed(best, "repetition level") else None)
+        draw_baseline(ax, entropy)
+        ax.set_xticks(sorted(best["ar_fraction"].unique().to_list()))
+        ax.set_xlabel("AR fraction α (0: MDM, 1: AR)")
+        ax.set_ylabel("best " + LOSS_LABEL.get(metric, metric))
+        ax.set_title(f"best {metric}")
+        ax.legend(title="repetition", fontsize=8, frameon=False)
+    fig.suptitle("Dual objective: best loss vs. AR fraction", y=1.02)
+    fig.tight_layout()
+    return fig
+
+
+def _with_repetition_label(best: pl.DataFrame) -> pl.DataFrame:
+    """A ``repetition level`` column ("1 epoch", "64 epochs"), ordered by epochs; the repetition label instead
+    when several unique-token budgets share one epoch count (as in :func:`alpha_repetition_heatmap`)."""
+    by_label = "repetition" in best.columns and best["repetition"].null_count() == 0 and \
+        best["repetition"].n_unique() > best["planned_epochs"].n_unique()
+    epochs = pl.col("planned_epochs")
+    whole = pl.when(epochs == epochs.round()).then(epochs.cast(pl.Int64).cast(pl.String))
+    plural = pl.when(epochs == 1).then(pl.lit("epoch")).otherwise(pl.lit("epochs"))
+    label = pl.col("repetition") if by_label else pl.format(
+        "{} {}", whole.otherwise(epochs.round(3).cast(pl.String)), plural).fill_null("unknown epochs")
+    return best.with_columns(label.alias("repetition level"), pl.col("planned_epochs").alias("order"))
 
 
 def alpha_repetition_heatmap(frame: pl.DataFrame):

@@ -1,9 +1,11 @@
 """``workbench report results/X``: derived tables (CSV + markdown) and figures (PNG + SVG) in ``results/X/report/``.
 
 Files: ``headline`` (one row per variant, mean over seeds), ``runs`` (every run folder with its status and error
-line), ``best_loss``, ``overfitting``, ``tokens_to_target`` (+ ``speedup``), ``downstream`` (when task rows exist)
-and ``seeds`` (mean/std/min/max over seeds) as ``.csv`` and ``.md``; figures ``val_loss_vs_epoch``,
-``val_loss_vs_tokens``, ``downstream_acc_vs_epoch``, ``best_loss_vs_strength`` and ``alpha_repetition_heatmap``
+line), ``best_loss``, ``overfitting``, ``tokens_to_target`` (+ ``speedup``), ``downstream`` (when task rows exist),
+``seeds`` (mean/std/min/max over seeds) and ``compute_gap`` (MDM tokens to reach AR's single-epoch loss, when
+there are single-epoch AR and MDM runs) as ``.csv`` and ``.md``; figures ``val_loss_vs_epoch``,
+``val_loss_vs_tokens``, ``downstream_acc_vs_epoch``, ``best_loss_vs_strength``, ``best_loss_vs_repetition``
+(a repetition sweep), ``best_loss_vs_alpha`` and ``alpha_repetition_heatmap`` (dual runs at several AR fractions)
 where the results have what they show; and ``report.md`` tying them together, which lists every run that is
 not complete or has no evaluation in the tables.
 
@@ -25,6 +27,7 @@ from workbench.analysis import figures
 from workbench.analysis.load import load_results, run_status
 from workbench.analysis.tables import (
     best_validation,
+    compute_gap,
     default_targets,
     downstream_accuracy,
     overfitting_onset,
@@ -159,6 +162,9 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, metric: st
         "speedup": ratio,
         "seeds": seeds,
     }
+    gap = compute_gap(frame)
+    if not gap.is_empty():
+        tables["compute_gap"] = gap
     if not downstream.is_empty():
         tables["downstream"] = downstream.select(["variant", "seed", "task",
                                                   *[c for c in downstream.columns if c.startswith(("final_", "best_"))],
@@ -175,6 +181,8 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, metric: st
             "val_loss_vs_tokens": figures.validation_curves(frame, metric, x="tokens_seen", target=targets),
             "downstream_acc_vs_epoch": figures.downstream_curves(frame),
             "best_loss_vs_strength": figures.best_vs_strength(frame, metric),
+            "best_loss_vs_repetition": figures.best_loss_vs_repetition(frame, metric),
+            "best_loss_vs_alpha": figures.best_loss_vs_alpha(frame),
             "alpha_repetition_heatmap": figures.alpha_repetition_heatmap(frame),
         }
         for name, fig in drawn.items():
@@ -193,6 +201,16 @@ def target_sentence(targets: dict[str, float], baselines: dict[str, str | None])
                                                           "no speed-up (no other variant of this metric)"))
     return ("Tokens-to-target: first evaluation at or below the target of the run's own metric; speed-ups only "
             "between variants of the same metric (" + "; ".join(parts) + ").")
+
+
+SECTION_TEXT = {"compute_gap": [  # what a table's section in report.md says above it
+    "Single-epoch runs only; losses are means over seeds, at token counts every seed was evaluated at. For each "
+    "token count b at which the AR reference `ar_variant` was evaluated (`ar_tokens`, AR NLL `ar_loss`), "
+    "`mdm_tokens` is the first token count at which the MDM variant's NELBO is at or below it, and `ratio` = "
+    "mdm_tokens / b; when it is never reached, `mdm_tokens_lower_bound` is the last evaluated MDM token count (the "
+    "answer is more than that). This compares the MDM NELBO, an upper bound on the MDM's NLL, with the AR NLL: "
+    "the MDM's true NLL may reach the AR loss sooner, so each ratio is an upper bound on the tokens (compute, at "
+    "equal model size) MDM needs for equal likelihood.", ""]}
 
 
 def _write_index(report: Report, root: Path, frame: pl.DataFrame, metric: str, tolerance: float) -> None:
@@ -221,5 +239,5 @@ def _write_index(report: Report, root: Path, frame: pl.DataFrame, metric: str, t
         lines += [f"![{name}]({name}.png)", ""]
     for name, table in report.tables.items():
         if name != "headline":
-            lines += [f"## {name.replace('_', ' ')}", "", to_markdown(table), ""]
+            lines += [f"## {name.replace('_', ' ')}", "", *SECTION_TEXT.get(name, []), to_markdown(table), ""]
     (report.out_dir / "report.md").write_text("\n".join(lines))

@@ -22,6 +22,11 @@ Definitions:
   is taken per evaluation over every task reporting that metric (all report ``acc``; schema and language-modelling
   tasks have no ``acc_norm``), then its final and best.
 - seed summary: mean, standard deviation (ddof 1; null for one seed), min, max and count over seeds.
+- compute gap (SMDM's question, single epoch only): for each token count b at which the AR reference was
+  evaluated, the first token count at which an MDM variant's seed-mean NELBO is <= the AR's seed-mean NLL at b,
+  and the ratio of the two. The NELBO is an upper bound on the MDM's NLL, so the MDM's true NLL may reach the AR
+  loss sooner: the ratio is an upper bound on the extra tokens (compute, at equal model size) MDM needs for equal
+  likelihood.
 """
 
 from __future__ import annotations
@@ -243,3 +248,82 @@ def seed_summary(table: pl.DataFrame, values: Sequence[str], by: Sequence[str] =
         aggregations += [column.mean().alias(f"{value}_mean"), column.std(ddof=1).alias(f"{value}_std"),
                          column.min().alias(f"{value}_min"), column.max().alias(f"{value}_max")]
     return table.group_by(list(by), maintain_order=True).agg(pl.len().alias("seeds"), *aggregations)
+
+
+COMPUTE_GAP_SCHEMA = {"ar_variant": pl.String, "mdm_variant": pl.String, "ar_tokens": pl.Int64,
+                      "ar_loss": pl.Float64, "mdm_tokens": pl.Int64, "reached": pl.Boolean, "ratio": pl.Float64,
+                      "mdm_tokens_lower_bound": pl.Int64, "mdm_best_mean": pl.Float64}
+SINGLE_EPOCH_TOLERANCE = 0.01  # planned epochs are tokens / unique tokens: 1 up to whole-sequence rounding
+
+
+def declared_order(frame: pl.DataFrame, column: str) -> list:
+    """Values of ``column`` in declared variant order (the ``order`` column when present, else sorted)."""
+    if "order" in frame.columns:
+        ranked = frame.group_by(column).agg(pl.col("order").min()).sort(["order", column], nulls_last=True)
+        return ranked[column].to_list()
+    return sorted(frame[column].unique().to_list())
+
+
+def single_epoch_runs(frame: pl.DataFrame) -> pl.DataFrame:
+    """Rows of the runs that see each unique token once: planned_epochs ~ 1, or (no planned epochs known) whose
+    last evaluation is within the first epoch."""
+    planned = pl.col("planned_epochs") if "planned_epochs" in frame.columns else pl.lit(None, dtype=pl.Float64)
+    last_epoch = pl.col("epoch").max().over("run")
+    one = pl.when(planned.is_not_null()).then((planned - 1.0).abs() <= SINGLE_EPOCH_TOLERANCE).otherwise(
+        last_epoch <= 1.0 + SINGLE_EPOCH_TOLERANCE)
+    return frame.filter(one)
+
+
+def _mean_curve(rows: pl.DataFrame, by: str) -> pl.DataFrame:
+    """Seed-mean validation curve per ``by`` value, at the token counts where every run of that value has a row
+    (a run cut short does not turn the tail of the mean into the mean of fewer seeds)."""
+    runs = rows.group_by(by).agg(pl.col("run").n_unique().alias("_runs"))
+    return (rows.group_by([by, "tokens_seen"]).agg(pl.col("value").mean(), pl.col("run").n_unique().alias("_n"))
+            .join(runs, on=by).filter(pl.col("_n") == pl.col("_runs")).drop("_n", "_runs")
+            .sort([by, "tokens_seen"]))
+
+
+def compute_gap(frame: pl.DataFrame, ar_variant: str | None = None) -> pl.DataFrame:
+    """SMDM's question at one epoch: how many tokens an MDM needs to reach the loss AR reaches after b tokens.
+
+    Single-epoch runs only (:func:`single_epoch_runs`). The AR reference (column ``ar_variant``) is the seed-mean
+    ``ar_nll`` curve of the AR-objective group ``ar_variant`` (default: the first in declared order), at each
+    evaluated b > 0 where every AR seed has a row. For each MDM-objective group (``group``, else ``variant``),
+    its seed-mean ``mdm_nelbo`` curve (token counts every seed has) gives ``mdm_tokens``, the first token count at
+    which it is <= the AR loss at b (null and ``reached`` false when never), ``ratio`` = mdm_tokens / b,
+    ``mdm_tokens_lower_bound`` = its last evaluated token count when not reached (the answer is "more than
+    that"), and ``mdm_best_mean``.
+
+    This compares the MDM NELBO, an upper bound on the MDM's NLL, with the AR NLL: the MDM's true NLL may reach
+    the AR loss sooner, so ``ratio`` is an upper bound on the tokens (compute, at equal model size) MDM needs for
+    equal likelihood. Empty when there are no single-epoch AR and MDM runs."""
+    empty = pl.DataFrame(schema=COMPUTE_GAP_SCHEMA)
+    if "objective" not in frame.columns:
+        return empty
+    val = single_epoch_runs(frame.filter(pl.col("split") == "val"))
+    by = "group" if "group" in val.columns else "variant"
+    ar = val.filter((pl.col("objective") == "ar") & (pl.col("metric") == "ar_nll"))
+    mdm = val.filter((pl.col("objective") == "mdm") & (pl.col("metric") == "mdm_nelbo"))
+    if ar.is_empty() or mdm.is_empty():
+        return empty
+    ar_groups = declared_order(ar, by)
+    if ar_variant is not None and ar_variant not in ar_groups:
+        raise ValueError(f"AR reference {ar_variant!r} is not a single-epoch AR {by}; choose one of {ar_groups}")
+    ar_variant = ar_variant or ar_groups[0]
+    reference = ar.filter(pl.col(by) == ar_variant)
+    ar_curve = (_mean_curve(reference, by).filter(pl.col("tokens_seen") > 0)
+                .select(pl.lit(ar_variant).alias("ar_variant"), pl.col("tokens_seen").alias("ar_tokens"),
+                        pl.col("value").alias("ar_loss")))
+    mdm_curve = _mean_curve(mdm, by).rename({by: "mdm_variant"})
+    summary = mdm_curve.group_by("mdm_variant").agg(pl.col("value").min().alias("mdm_best_mean"),
+                                                     pl.col("tokens_seen").max().alias("_last"))
+    first = (mdm_curve.join(ar_curve, how="cross").filter(pl.col("value") <= pl.col("ar_loss"))
+             .group_by("mdm_variant", "ar_tokens").agg(pl.col("tokens_seen").min().alias("mdm_tokens")))
+    order = {name: i for i, name in enumerate(declared_order(mdm, by))}
+    table = (summary.join(ar_curve, how="cross").join(first, on=["mdm_variant", "ar_tokens"], how="left")
+             .with_columns(pl.col("mdm_tokens").is_not_null().alias("reached"),
+                           (pl.col("mdm_tokens") / pl.col("ar_tokens")).alias("ratio"),
+                           pl.col("mdm_variant").replace_strict(order, return_dtype=pl.Int64).alias("_o")))
+    table = table.with_columns(pl.when(~pl.col("reached")).then(pl.col("_last")).alias("mdm_tokens_lower_bound"))
+    return table.sort("_o", "ar_tokens").select(
+        [pl.col(name).cast(dtype) for name, dtype in COMPUTE_GAP_SCHEMA.items()])
