@@ -221,3 +221,21 @@ def test_report_leaves_study_views_out_when_they_do_not_apply(tmp_path):
     assert set(report.figures) == {"val_loss_vs_epoch", "val_loss_vs_tokens"}
     assert "compute_gap" not in report.tables and not (report.out_dir / "compute_gap.csv").exists()
     assert "compute gap" not in (report.out_dir / "report.md").read_text()
+
+
+def test_a_report_regenerates_with_its_saved_targets_and_baseline(tmp_path):
+    """A committed report made with --target/--baseline records them (arguments.json), so regenerating it from the
+    committed runs (tests/test_reproduce.py) uses the same targets instead of the defaults."""
+    from workbench.analysis.report import ARGUMENTS_FILE, saved_arguments, write_report
+    from workbench.paths import REPO_ROOT
+
+    demo = REPO_ROOT / "results" / "demo"
+    first = write_report(demo, tmp_path / "first", target={"ar_nll": 5.9}, baseline="mask", draw=False)
+    assert first.tables["tokens_to_target"].filter(pl.col("metric") == "ar_nll")["target"].unique().to_list() == [5.9]
+    arguments = saved_arguments(first.out_dir)
+    assert arguments == {"metric": "val_loss", "tolerance": 0.01, "target": {"ar_nll": 5.9}, "baseline": ["mask"]}
+    again = write_report(demo, tmp_path / "again", draw=False, **arguments)
+    for name in ("tokens_to_target", "speedup", "headline"):
+        assert again.tables[name].equals(first.tables[name]), name
+    assert saved_arguments(tmp_path / "nowhere") == {}
+    assert (first.out_dir / ARGUMENTS_FILE).is_file()

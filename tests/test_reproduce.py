@@ -108,10 +108,10 @@ def test_committed_summaries_match_their_metrics(study):
 def test_committed_report_is_the_report_of_the_committed_runs(study, tmp_path):
     """<study>/report/*.csv (every committed table, the seed-spread table included) equal what ``workbench
     report`` computes from the study's committed runs today, so tables and data cannot drift apart."""
-    from workbench.analysis.report import write_report
+    from workbench.analysis.report import saved_arguments, write_report
 
     committed, hint = study / "report", regenerate_hint(study)
-    fresh = write_report(study, tmp_path / "report", draw=False).out_dir
+    fresh = write_report(study, tmp_path / "report", draw=False, **saved_arguments(committed)).out_dir
     required = ("headline", "best_loss", "overfitting", "tokens_to_target", "speedup", "runs", "seeds")
     names = sorted({*required, *(path.stem for path in committed.glob("*.csv"))})
     for name in names:

@@ -6,8 +6,9 @@ line), ``best_loss``, ``overfitting``, ``tokens_to_target`` (+ ``speedup``), ``d
 there are single-epoch AR and MDM runs) as ``.csv`` and ``.md``; figures ``val_loss_vs_epoch``,
 ``val_loss_vs_tokens``, ``downstream_acc_vs_epoch``, ``best_loss_vs_strength``, ``best_loss_vs_repetition``
 (a repetition sweep), ``best_loss_vs_alpha`` and ``alpha_repetition_heatmap`` (dual runs at several AR fractions)
-where the results have what they show; and ``report.md`` tying them together, which lists every run that is
-not complete or has no evaluation in the tables.
+where the results have what they show; ``report.md`` tying them together, which lists every run that is
+not complete or has no evaluation in the tables; and ``arguments.json``, the report's own arguments (targets,
+baselines), so that a committed report can be regenerated exactly (``saved_arguments``).
 
 Tokens-to-target and speed-ups never cross metrics (AR NLL vs. MDM NELBO): each metric has its own target
 (default: the largest best loss of its runs, which every run of that metric reaches) and its own baseline
@@ -16,6 +17,7 @@ Tokens-to-target and speed-ups never cross metrics (AR NLL vs. MDM NELBO): each 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,15 @@ from workbench.analysis.tables import (
     tokens_to_target,
     unigram_entropy,
 )
+
+ARGUMENTS_FILE = "arguments.json"  # the report's own arguments, so a test can regenerate it exactly
+
+
+def saved_arguments(report_dir: str | Path) -> dict[str, Any]:
+    """The ``write_report`` keyword arguments a committed report was made with (metric, tolerance, target,
+    baseline; empty for a report older than the file), so regenerating it uses the same targets."""
+    path = Path(report_dir) / ARGUMENTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 class ReportArgumentError(ValueError):
@@ -170,6 +181,9 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, metric: st
                                                   *[c for c in downstream.columns if c.startswith(("final_", "best_"))],
                                                   "run"])
     out.mkdir(parents=True, exist_ok=True)
+    arguments = {"metric": metric, "tolerance": tolerance, "target": target,
+                 "baseline": [baseline] if isinstance(baseline, str) else baseline}
+    (out / ARGUMENTS_FILE).write_text(json.dumps(arguments, indent=2, sort_keys=True) + "\n")
     for name, table in tables.items():
         table.write_csv(out / f"{name}.csv")
         (out / f"{name}.md").write_text(to_markdown(table) + "\n")
