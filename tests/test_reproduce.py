@@ -172,3 +172,62 @@ def test_demo_variants_reproduce_the_committed_curves(tmp_path):
         torch.set_num_threads(threads)
     assert not failures, (f"{REFERENCE} no longer reproduces (tolerance {TOLERANCE}): " + " | ".join(failures)
                           + f". Regenerate it and its report: {REGENERATE}")
+
+
+def stop_after_tokens(tokens: int):
+    """A Composer callback that ends training after the evaluations at ``tokens`` training tokens, leaving the
+    run's schedule (its full max_duration) unchanged up to there."""
+    from composer.core import Callback
+
+    class StopAfterTokens(Callback):
+        def eval_after_all(self, state, logger) -> None:
+            if int(state.timestamp.token) >= tokens:
+                state.stop_training()
+
+    return StopAfterTokens()
+
+
+# One run per laptop-scale study of the papers' claims, retrained for its first two validation points (~30 s
+# each on one thread): the plain MDM at the heaviest repetition, a dual mix, a bell-shaped sampler, token masking.
+REPRO_RETRAINED = [("repetition", "mdm-u64k-ep64", 1, 512_000), ("dual_ratio", "alpha0.5-u64k-ep64", 0, 512_000),
+                   ("time_sampling", "bell-elbo", 2, 512_000), ("regularizers", "mask-rate0.25", 1, 131_072)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("ablation_name", "variant", "seed", "tokens"), REPRO_RETRAINED,
+                         ids=[f"{a}-{v}-seed{s}" for a, v, s, _ in REPRO_RETRAINED])
+def test_repro_studies_reproduce_from_the_committed_code(ablation_name, variant, seed, tokens, tmp_path):
+    """A run of each committed laptop-scale study, retrained from its ablation file at ``--scale cpu`` (the
+    command in results/repro/README.md), gives the committed rows up to its second validation point (tolerance
+    as for the demo)."""
+    import torch
+
+    from workbench.ablate import load_ablation, prepare_data
+    from workbench.config import config_differences
+    from workbench.train import train
+
+    study = REPRO / f"{ablation_name}-cpu"
+    reference = study / variant / f"seed{seed}"
+    if not (study / "report" / "headline.csv").is_file():
+        pytest.skip(f"{study.name} is not committed yet")
+    ablation = load_ablation(REPO_ROOT / "ablations" / f"{ablation_name}.yaml", scale="cpu", only=[variant],
+                             results_root=tmp_path)
+    runs = [run for run in ablation.runs if run.seed == seed]
+    assert len(runs) == 1, [run.run_dir for run in ablation.runs]
+    run = runs[0]
+    assert config_differences(reference / CONFIG_FILE, run.config) == [], \
+        f"ablations/{ablation_name}.yaml changed since {reference} was produced; rerun the study"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prepare_data([run], log=lambda _: None)
+        train(run.config, run_dir=run.run_dir, extra_callbacks=[stop_after_tokens(tokens)], log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    fresh = read_metrics(run.run_dir / METRICS_FILE)
+    # a stopped run evaluates its tasks once more at its last step, which the full run did not
+    fresh = fresh.filter((pl.col("step") < fresh["step"].max()) | pl.col("split").is_in(["train", "val"]))
+    assert fresh is not None and fresh.filter(pl.col("split") == "val")["step"].n_unique() >= 3  # step 0 + 2 points
+    mismatches = curve_mismatches(fresh, read_metrics(reference / METRICS_FILE))
+    assert not mismatches, f"{reference} no longer reproduces: {len(mismatches)} rows differ, first: " + \
+        "; ".join(mismatches[:3])
