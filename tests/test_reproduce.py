@@ -231,3 +231,22 @@ def test_repro_studies_reproduce_from_the_committed_code(ablation_name, variant,
     mismatches = curve_mismatches(fresh, read_metrics(reference / METRICS_FILE))
     assert not mismatches, f"{reference} no longer reproduces: {len(mismatches)} rows differ, first: " + \
         "; ".join(mismatches[:3])
+
+
+@pytest.mark.parametrize(("alpha", "twin", "metric"),
+                         [("alpha0", "mdm-shifted", "mdm_nelbo"), ("alpha1", "ar", "ar_nll")])
+def test_dual_ends_are_the_repetition_studys_runs(alpha, twin, metric):
+    """The dual objective at AR fraction 0 is the shifted MDM and at 1 plain AR: the committed dual_ratio-cpu runs
+    at those ends, trained separately, give the repetition-cpu study's curves of the same seed exactly."""
+    dual, repetition = REPRO / "dual_ratio-cpu", REPRO / "repetition-cpu"
+    if not (dual / "report" / "headline.csv").is_file() or not (repetition / "report" / "headline.csv").is_file():
+        pytest.skip("dual_ratio-cpu or repetition-cpu is not committed")
+    compared = 0
+    for point in ("u4.1M-ep1", "u64k-ep64"):
+        for seed in (0, 1, 2):
+            ends = [read_metrics(root / f"{name}-{point}" / f"seed{seed}" / METRICS_FILE)
+                    .filter((pl.col("split") == "val") & (pl.col("metric") == metric)).select("step", "value")
+                    for root, name in ((dual, alpha), (repetition, twin))]
+            assert ends[0].height > 10 and ends[0].equals(ends[1]), f"{alpha}-{point} seed{seed} vs {twin}"
+            compared += 1
+    assert compared == 6
