@@ -250,3 +250,16 @@ def test_dual_ends_are_the_repetition_studys_runs(alpha, twin, metric):
             assert ends[0].height > 10 and ends[0].equals(ends[1]), f"{alpha}-{point} seed{seed} vs {twin}"
             compared += 1
     assert compared == 6
+
+
+def test_time_sampling_uniform_is_the_repetition_studys_one_epoch_mdm():
+    """The time-sampling study's uniform sampler is the plain MDM's default: its committed runs equal the
+    repetition study's one-epoch MDM runs of the same seed, validation row for row."""
+    sampling, repetition = REPRO / "time_sampling-cpu", REPRO / "repetition-cpu"
+    if not (sampling / "report" / "headline.csv").is_file() or not (repetition / "report" / "headline.csv").is_file():
+        pytest.skip("time_sampling-cpu or repetition-cpu is not committed")
+    for seed in (0, 1, 2):
+        curves = [read_metrics(run / f"seed{seed}" / METRICS_FILE).filter(pl.col("split") == "val")
+                  .select("step", "metric", "value").sort("step", "metric")
+                  for run in (sampling / "uniform", repetition / "mdm-u4.1M-ep1")]
+        assert curves[0].height > 10 and curves[0].equals(curves[1]), f"seed{seed}"
