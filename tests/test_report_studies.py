@@ -239,3 +239,23 @@ def test_a_report_regenerates_with_its_saved_targets_and_baseline(tmp_path):
         assert again.tables[name].equals(first.tables[name]), name
     assert saved_arguments(tmp_path / "nowhere") == {}
     assert (first.out_dir / ARGUMENTS_FILE).is_file()
+
+
+def test_validation_curves_name_a_single_metric_and_say_repetition_only_when_there_is_some():
+    """An all-MDM one-epoch study's axis says NELBO (a bound) and its title does not claim repetition; the demo
+    (AR and MDM, 12 epochs) keeps the generic label, with the metric as line style, and the repetition title."""
+    import matplotlib.pyplot as plt
+
+    from workbench.analysis import load_results, validation_curves
+    from workbench.paths import REPO_ROOT
+
+    sampling = REPO_ROOT / "results" / "repro" / "time_sampling-cpu"
+    if not sampling.is_dir():
+        pytest.skip("time_sampling-cpu is not committed")
+    one_epoch = validation_curves(load_results(sampling), x="tokens_seen")
+    assert one_epoch.axes[0].get_ylabel() == "validation MDM NELBO (nats/token, bound)"
+    assert one_epoch._suptitle.get_text() == "Validation loss"
+    demo = validation_curves(load_results(REPO_ROOT / "results" / "demo"))
+    assert demo.axes[0].get_ylabel() == "validation loss (nats/token)"
+    assert demo._suptitle.get_text() == "Validation loss under repetition"
+    plt.close("all")

@@ -72,6 +72,8 @@ def validation_curves(frame: pl.DataFrame, metric: str = "val_loss", x: str = "e
     hue = _hue(rows)
     col = "repetition" if hue == "group" else None
     style = "val_metric" if metric == "val_loss" and rows["val_metric"].n_unique() > 1 else None
+    # one metric on the axis: name it (the MDM NELBO is a bound, not an NLL); several: the line style says which
+    shown = rows["val_metric"][0] if metric == "val_loss" and style is None else metric
     data = rows.to_pandas()
     grid = sns.relplot(data=data, x=x, y="value", hue=hue, hue_order=_order(rows, hue), style=style, col=col,
                        col_order=_order(rows, col) if col else None, col_wrap=min(3, rows[col].n_unique()) if col
@@ -88,8 +90,9 @@ def validation_curves(frame: pl.DataFrame, metric: str = "val_loss", x: str = "e
             ax.annotate(label, xy=(1.0, value), xycoords=("axes fraction", "data"), xytext=(-4, 3),
                         textcoords="offset points", ha="right", va="bottom", fontsize=8, color="tab:red")
         ax.set_xlabel("epoch (passes over the unique tokens)" if x == "epoch" else "tokens seen")
-        ax.set_ylabel(LOSS_LABEL.get(metric, metric))
-    grid.figure.suptitle("Validation loss under repetition", y=1.02)
+        ax.set_ylabel(LOSS_LABEL.get(shown, shown))
+    repeated = rows["epoch"].max() > 1.0 + 1e-6  # a one-epoch study (e.g. time samplers) sees no repetition
+    grid.figure.suptitle("Validation loss under repetition" if repeated else "Validation loss", y=1.02)
     return grid.figure
 
 
