@@ -197,10 +197,9 @@ def best_loss_vs_repetition(frame: pl.DataFrame, metric: str = "val_loss"):
     return fig
 
 
-def best_loss_vs_alpha(frame: pl.DataFrame):
-    """Best validation loss of the dual runs vs. AR fraction alpha, one panel per validation metric they report
-    (AR NLL, MDM NELBO), one line per repetition level, mean over seeds with a band of their standard deviation.
-    None when there are no dual runs at two or more alphas."""
+def _dual_runs(frame: pl.DataFrame) -> tuple[pl.DataFrame, list[str]] | None:
+    """The dual-objective rows and the validation metrics they report, or None without dual runs at two or
+    more AR fractions (nothing to plot against alpha)."""
     if "ar_fraction" not in frame.columns or "objective" not in frame.columns:
         return None
     dual = frame.filter(pl.col("objective") == "dual")
@@ -208,6 +207,24 @@ def best_loss_vs_alpha(frame: pl.DataFrame):
         return None
     metrics = [m for m in ("ar_nll", "mdm_nelbo")
                if not dual.filter((pl.col("split") == "val") & (pl.col("metric") == m)).is_empty()]
+    return dual, metrics
+
+
+def _levels_by_label(best: pl.DataFrame) -> bool:
+    """Whether repetition levels need their label (e.g. several unique-token budgets at the same epochs)
+    rather than the epoch count to tell them apart."""
+    return "repetition" in best.columns and best["repetition"].null_count() == 0 and \
+        best["repetition"].n_unique() > best["planned_epochs"].n_unique()
+
+
+def best_loss_vs_alpha(frame: pl.DataFrame):
+    """Best validation loss of the dual runs vs. AR fraction alpha, one panel per validation metric they report
+    (AR NLL, MDM NELBO), one line per repetition level, mean over seeds with a band of their standard deviation.
+    None when there are no dual runs at two or more alphas."""
+    found = _dual_runs(frame)
+    if found is None:
+        return None
+    dual, metrics = found
     entropy = unigram_entropy(frame)
     _theme()
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
@@ -230,8 +247,7 @@ def best_loss_vs_alpha(frame: pl.DataFrame):
 def _with_repetition_label(best: pl.DataFrame) -> pl.DataFrame:
     """A ``repetition level`` column ("1 epoch", "64 epochs"), ordered by epochs; the repetition label instead
     when several unique-token budgets share one epoch count (as in :func:`alpha_repetition_heatmap`)."""
-    by_label = "repetition" in best.columns and best["repetition"].null_count() == 0 and \
-        best["repetition"].n_unique() > best["planned_epochs"].n_unique()
+    by_label = _levels_by_label(best)
     epochs = pl.col("planned_epochs")
     whole = pl.when(epochs == epochs.round()).then(epochs.cast(pl.Int64).cast(pl.String))
     plural = pl.when(epochs == 1).then(pl.lit("epoch")).otherwise(pl.lit("epochs"))
@@ -243,21 +259,16 @@ def _with_repetition_label(best: pl.DataFrame) -> pl.DataFrame:
 def alpha_repetition_heatmap(frame: pl.DataFrame):
     """Best validation loss over AR fraction alpha (rows) x epochs of repetition (columns), one heatmap per
     validation metric the dual runs report (mean over seeds). The unigram entropy is marked on the colour bar."""
-    if "ar_fraction" not in frame.columns:
+    found = _dual_runs(frame)
+    if found is None:
         return None
-    dual = frame.filter(pl.col("objective") == "dual")
-    if dual.is_empty() or dual["ar_fraction"].n_unique() < 2:
-        return None
-    metrics = [m for m in ("ar_nll", "mdm_nelbo")
-               if not dual.filter((pl.col("split") == "val") & (pl.col("metric") == m)).is_empty()]
+    dual, metrics = found
     entropy = unigram_entropy(frame)
     _theme()
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         best = best_validation(dual, metric)
-        by_label = best["repetition"].null_count() == 0 and best["repetition"].n_unique() > best[
-            "planned_epochs"].n_unique()  # e.g. several unique-token budgets at the same epochs
-        column = "repetition" if by_label else "planned_epochs"
+        column = "repetition" if _levels_by_label(best) else "planned_epochs"
         table = (best.group_by(["ar_fraction", column]).agg(pl.col("best").mean())
                  .sort(["ar_fraction", column]).pivot(on=column, index="ar_fraction", values="best",
                                                       sort_columns=True))
