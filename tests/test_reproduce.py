@@ -60,17 +60,17 @@ def curve_mismatches(fresh: pl.DataFrame, reference: pl.DataFrame, tolerance: fl
             for r in bad.sort("step", "split", "metric").iter_rows(named=True)]
 
 
-def stop_after_epochs(epochs: int):
-    """A Composer callback that ends training after the evaluations of epoch ``epochs``, without changing the
-    schedule up to there (the run keeps its 12-epoch max_duration until the stop)."""
+def stop_after(unit: str, amount: int):
+    """A Composer callback that ends training after the evaluations at ``amount`` of ``unit`` (``epoch`` or
+    ``token``), without changing the schedule up to there (the run keeps its full max_duration until the stop)."""
     from composer.core import Callback
 
-    class StopAfterEpochs(Callback):
+    class StopAfter(Callback):
         def eval_after_all(self, state, logger) -> None:
-            if int(state.timestamp.epoch) >= epochs:
+            if int(getattr(state.timestamp, unit)) >= amount:
                 state.stop_training()
 
-    return StopAfterEpochs()
+    return StopAfter()
 
 
 def test_curve_comparison_flags_missing_and_changed_rows():
@@ -158,7 +158,7 @@ def test_demo_variants_reproduce_the_committed_curves(tmp_path):
             reference = REFERENCE / run.variant.name / f"seed{run.seed}"
             assert config_differences(reference / CONFIG_FILE, run.config) == [], \
                 f"{DEMO} changed since {reference} was produced; regenerate: {REGENERATE}"
-            train(run.config, run_dir=run.run_dir, extra_callbacks=[stop_after_epochs(EPOCHS)], log=lambda _: None)
+            train(run.config, run_dir=run.run_dir, extra_callbacks=[stop_after("epoch", EPOCHS)], log=lambda _: None)
             fresh = read_metrics(run.run_dir / METRICS_FILE)
             assert fresh is not None and fresh["epoch"].max() == pytest.approx(EPOCHS)
             # a run evaluates its tasks once more at its last step: the stopped run's end is mid-way in the demo
@@ -172,19 +172,6 @@ def test_demo_variants_reproduce_the_committed_curves(tmp_path):
         torch.set_num_threads(threads)
     assert not failures, (f"{REFERENCE} no longer reproduces (tolerance {TOLERANCE}): " + " | ".join(failures)
                           + f". Regenerate it and its report: {REGENERATE}")
-
-
-def stop_after_tokens(tokens: int):
-    """A Composer callback that ends training after the evaluations at ``tokens`` training tokens, leaving the
-    run's schedule (its full max_duration) unchanged up to there."""
-    from composer.core import Callback
-
-    class StopAfterTokens(Callback):
-        def eval_after_all(self, state, logger) -> None:
-            if int(state.timestamp.token) >= tokens:
-                state.stop_training()
-
-    return StopAfterTokens()
 
 
 # One run per laptop-scale study of the papers' claims, retrained for its first two validation points (~30 s
@@ -221,7 +208,7 @@ def test_repro_studies_reproduce_from_the_committed_code(ablation_name, variant,
     torch.set_num_threads(1)
     try:
         prepare_data([run], log=lambda _: None)
-        train(run.config, run_dir=run.run_dir, extra_callbacks=[stop_after_tokens(tokens)], log=lambda _: None)
+        train(run.config, run_dir=run.run_dir, extra_callbacks=[stop_after("token", tokens)], log=lambda _: None)
     finally:
         torch.set_num_threads(threads)
     fresh = read_metrics(run.run_dir / METRICS_FILE)
