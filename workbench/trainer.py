@@ -37,6 +37,8 @@ from composer import Trainer
 from composer.core import Batch, Event, TrainerMode
 from composer.utils import dist
 
+from workbench.engine import make_lean
+
 
 class WorkbenchTrainer(Trainer):
     """A Composer Trainer whose training loop reads nothing from the device between log intervals.
@@ -52,6 +54,7 @@ class WorkbenchTrainer(Trainer):
         self._loss_batches = 0
         self._host_group: Any = None
         super().__init__(*args, **kwargs)
+        make_lean(self.engine)  # after __init__: INIT and the checkpoint load ran through Composer's own dispatch
 
     # the optimizer step ------------------------------------------------------------------------------------------
     def _use_closures(self) -> bool:
