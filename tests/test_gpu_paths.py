@@ -146,7 +146,27 @@ def test_loader_workers_yield_the_in_process_batches(tiny_config, tmp_path):
         epochs[workers] = [[b["tokens"], b["index"]] for _ in range(2) for b in spec.dataloader]  # two epochs
     assert len(epochs[0]) == 64
     for in_process, from_workers in zip(epochs[0], epochs[2], strict=True):
+        assert in_process[0].dtype == from_workers[0].dtype == in_process[1].dtype == torch.int64
         assert torch.equal(in_process[0], from_workers[0]) and torch.equal(in_process[1], from_workers[1])
+
+
+def test_worker_batches_reach_the_training_process_without_file_descriptor_passing(tiny_config, tmp_path,
+                                                                                   monkeypatch):
+    """A tensor from a worker arrives as a shared-memory file descriptor, each costing the training loop's thread
+    an authenticated socket connection (~0.2 ms, workbench.data.TokenLoader); numpy batches travel pickled."""
+    from multiprocessing import resource_sharer
+
+    from datasets_prep.corpus import prepare
+    from workbench.data import build_loader
+
+    received = []
+    original = resource_sharer.DupFd.detach  # how the receiving process takes a passed descriptor
+    monkeypatch.setattr(resource_sharer.DupFd, "detach", lambda self: received.append(1) or original(self))
+    prepared = prepare(tiny_config().data, log=lambda _: None)
+    spec = build_loader(prepared.train.path, 16, shuffle=True, seed=3, num_workers=2, view=tmp_path / "view")
+    batches = list(spec.dataloader)
+    assert len(batches) == 32 and all(isinstance(b["tokens"], torch.Tensor) for b in batches)
+    assert not received, f"{len(received)} tensors arrived through file descriptors"
 
 
 # --- torch.compile end to end ---------------------------------------------------------------------------------------

@@ -57,9 +57,24 @@ class TokenShards(StreamingDataset):
         super().load_state_dict(obj)
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    return {"tokens": torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64)),
-            "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64)}
+def collate(samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Samples -> one batch of numpy arrays; :class:`TokenLoader` turns them into tensors in the main process."""
+    return {"tokens": np.stack([s["tokens"] for s in samples]).astype(np.int64),
+            "index": np.array([s["index"] for s in samples], dtype=np.int64)}
+
+
+class TokenLoader(StreamingDataLoader):
+    """A StreamingDataLoader that yields ``{"tokens", "index"}`` int64 tensors.
+
+    Its workers hand over numpy arrays, which travel pickled through the result pipe. A tensor would travel as a
+    shared-memory file descriptor (torch's default sharing strategy), and receiving one costs the main process an
+    authenticated socket connection per tensor: ~0.2 ms per tensor on the training loop's thread, measured with
+    ``workbench bench``'s host time (``num_workers: 2``), whatever the batch size, against ~20 us of pickling for
+    a GPU-sized batch (64 x 256 tokens)."""
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in super().__iter__():
+            yield {name: torch.from_numpy(values) for name, values in batch.items()}
 
 
 def tokens_in_batch(batch: dict[str, torch.Tensor]) -> int:
@@ -120,7 +135,7 @@ def build_loader(path: str | Path, global_batch_size: int, shuffle: bool, seed: 
     with streaming_registration_lock():
         dataset = TokenShards(local=str(local), shuffle=shuffle, shuffle_seed=seed, batch_size=per_rank,
                               allow_unsafe_types=False)
-    loader = StreamingDataLoader(dataset, batch_size=per_rank, collate_fn=collate, num_workers=num_workers,
+    loader = TokenLoader(dataset, batch_size=per_rank, collate_fn=collate, num_workers=num_workers,
                                  drop_last=False, persistent_workers=num_workers > 0,
                                  generator=torch.Generator().manual_seed(seed))
     return DataSpec(loader, get_num_tokens_in_batch=tokens_in_batch, get_num_samples_in_batch=sequences_in_batch)
