@@ -143,6 +143,41 @@ def test_truncated_metrics_of_an_interrupted_run_are_rebuilt_from_the_checkpoint
     assert resumed.select(columns).sort(columns).equals(uninterrupted.select(columns).sort(columns))
 
 
+def test_metrics_killed_before_their_flush_get_the_checkpoints_rows_back(stored, tmp_path, capsys):
+    """The tidy logger rewrites metrics.parquet at most every few seconds between evaluations: a run killed after a
+    checkpoint and before the next rewrite leaves a readable file without rows the checkpoint holds."""
+    run_dir = _copy(stored, "interrupted", tmp_path)
+    path = run_dir / "metrics.parquet"
+    frame = read_metrics(path)
+    assert frame is not None and frame["step"].max() >= 32
+    frame.filter(pl.col("step") <= 16).write_parquet(path)  # as flushed last at step 16; checkpoint at 32
+    code, out, err = _resume(stored, run_dir, capsys)
+    assert code == 0, err
+    (line,) = [line for line in out.splitlines() if "rebuilt" in line]
+    assert "stale" in line and "up to step 32" in line
+    _complete_with_every_row(run_dir)
+
+
+def test_killed_runs_rows_rebuilt_under_the_resumed_runs_name(stored, tmp_path):
+    """An adopted attempt (workbench.tune) resumes another run's checkpoint under a new name: rows rebuilt from
+    that checkpoint are relabelled."""
+    from workbench.callbacks import TidyMetricsLogger
+    from workbench.config import dump_config
+    from workbench.train import build_run
+
+    run_dir = _copy(stored, "interrupted", tmp_path)
+    (run_dir / "metrics.parquet").unlink()  # as workbench.tune's _adopt_attempt leaves it when the file was lost
+    config = make_config(SETTINGS | {"name": "faults-renamed"})
+    (run_dir / "config.yaml").write_text(dump_config(config))
+    built = build_run(config, run_dir, resume=True, log=lambda _: None)
+    try:
+        built.trainer.engine.run_event("fit_start")
+        (tidy,) = [cb for cb in built.trainer.state.callbacks if isinstance(cb, TidyMetricsLogger)]
+        assert len(tidy.writer.rows) > 10 and {row["run"] for row in tidy.writer.rows} == {"faults-renamed"}
+    finally:
+        built.trainer.close()
+
+
 def test_truncated_metrics_without_rows_in_the_checkpoint_are_refused(stored, tmp_path, capsys):
     """A checkpoint written before checkpoints carried the rows cannot rebuild them: refuse, naming the file."""
     import torch

@@ -63,3 +63,24 @@ def test_missing_validation_split_fails_before_anything_is_written(tiny_config, 
         train(config)
     assert not (results_root / "no-val").exists()
     assert read_summary(results_root / "no-val") is None
+
+
+@pytest.mark.parametrize("every_s,most", [(3600.0, 6), (0.0, 40)])
+def test_metrics_file_is_rewritten_at_evaluations_and_every_few_seconds(tiny_config, results_root, monkeypatch,
+                                                                       every_s, most):
+    """Each rewrite of metrics.parquet costs time proportional to all rows so far; at every log interval that grows
+    into milliseconds per step on a long run. Between evaluations it happens at most every ``flush_every_s``."""
+    from workbench.callbacks import TidyMetricsLogger
+    from workbench.results import MetricsWriter
+
+    writes = []
+    original = MetricsWriter.flush
+    monkeypatch.setattr(MetricsWriter, "flush", lambda self: (self._dirty and writes.append(len(self.rows)),
+                                                              original(self))[1])
+    monkeypatch.setattr(TidyMetricsLogger, "flush_every_s", every_s)
+    config = tiny_config({"name": f"flushes-{every_s:g}", "trainer": {"max_duration": "40ba", "log_interval": 1},
+                          "eval": {"interval": "20ba"}})
+    train(config)
+    assert (len(writes) <= most) if every_s else (len(writes) >= most)
+    frame = read_metrics(results_root / config.name / "metrics.parquet")
+    assert frame.height == writes[-1] and frame.filter(pl.col("metric") == "loss").height == 40

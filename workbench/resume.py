@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workbench.results import CHECKPOINTS, LATEST_CHECKPOINT, METRICS_FILE, metrics_problem, rows_from_bytes
+from workbench.results import (
+    CHECKPOINTS,
+    LATEST_CHECKPOINT,
+    METRICS_FILE,
+    metrics_problem,
+    read_metrics,
+    rows_from_bytes,
+)
 
 ROWS_KEY = "rows"  # TidyMetricsLogger's state in a checkpoint: metrics.parquet's rows up to it, as parquet bytes
 
@@ -97,15 +104,33 @@ def find_resume_point(run_dir: Path, log: Callable[[str], None] = print) -> Resu
     return None
 
 
+def _stale(path: Path, point: ResumePoint) -> str | None:
+    """What the file lacks of the checkpoint's rows (the run was killed after the checkpoint and before the tidy
+    logger's next flush), None when it holds them all."""
+    import polars as pl
+
+    frame = read_metrics(path)
+    assert frame is not None and point.rows is not None
+    held = set(frame.select("step", "split", "metric").iter_rows())
+    missing = [row for row in point.rows if (row["step"], row["split"], row["metric"]) not in held]
+    if not missing:
+        return None
+    last = frame.select(pl.col("step").max()).item()
+    return f"stale ({len(missing)} rows up to step {point.step} were not written yet; its last row is at step {last})"
+
+
 def recover_metrics(run_dir: Path, point: ResumePoint | None,
                     log: Callable[[str], None] = print) -> list[dict[str, Any]] | None:
-    """Rows to resume with when ``metrics.parquet`` is unreadable or gone (None: the file is fine, or there is
-    nothing to lose). They are rebuilt from the checkpoint, which holds every row up to its step; the rows after it
-    are recomputed by the resumed run, so nothing is lost. A checkpoint without rows is refused."""
+    """Rows to resume with when ``metrics.parquet`` is unreadable, gone, or lacks rows the checkpoint holds (None:
+    the file is fine, or there is nothing to lose). They are rebuilt from the checkpoint, which holds every row up
+    to its step; the rows after it are recomputed by the resumed run, so nothing is lost. A checkpoint without rows
+    is refused."""
     from workbench.train import RunExistsError
 
     path = run_dir / METRICS_FILE
     problem = metrics_problem(path) if path.exists() else ("missing" if point is not None else None)
+    if problem is None and point is not None and point.rows is not None:
+        problem = _stale(path, point)
     if problem is None:
         return None
     if point is None or point.rows is None:
