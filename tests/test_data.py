@@ -33,3 +33,32 @@ def test_concurrent_shard_views_all_succeed_and_point_at_the_shards(tmp_path):
         assert not errors, errors[0]
         assert sorted(p.name for p in view.iterdir()) == sorted(names)  # no leftover temporary links
         assert all((view / name).resolve() == source / name for name in names)
+
+
+def test_mapped_samples_are_streamings_bytes_and_errors(tiny_config, tmp_path):
+    """workbench.data.MappedSamples reads a shard's samples through a memory map instead of opening the file for
+    each: byte for byte what Streaming's reader returns, with its errors, and a pickled copy maps again."""
+    import pickle
+
+    import pytest
+    from streaming.base.format.mds.reader import MDSReader
+
+    from datasets_prep.corpus import prepare
+    from workbench.data import MappedSamples, build_loader
+
+    prepared = prepare(tiny_config().data, log=lambda _: None)
+    spec = build_loader(prepared.train.path, 16, shuffle=False, seed=0, view=tmp_path / "view")
+    dataset = spec.dataloader.dataset
+    readers = list(dataset.shards)
+    assert readers and all(isinstance(reader.get_sample_data, MappedSamples) for reader in readers)
+    for reader in readers:
+        mapped = reader.get_sample_data
+        for idx in range(reader.samples):
+            assert mapped(idx) == MDSReader.get_sample_data(reader, idx)
+        with pytest.raises(IndexError):
+            mapped(reader.samples)
+        copy = pickle.loads(pickle.dumps(mapped))
+        assert copy._map is None and copy(reader.samples - 1) == mapped(reader.samples - 1)
+    with pytest.raises(FileNotFoundError):  # Streaming's cue to prepare the shard
+        MappedSamples(str(tmp_path / "missing.mds"))(0)
+    assert len(list(spec.dataloader)) == 32

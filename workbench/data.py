@@ -7,7 +7,9 @@ iterator then never draws from the global RNG, which would otherwise make a run 
 
 from __future__ import annotations
 
+import mmap
 import os
+import struct
 import tempfile
 import uuid
 import weakref
@@ -21,6 +23,33 @@ import torch
 from composer.core import DataSpec
 from composer.utils import dist
 from streaming import StreamingDataLoader, StreamingDataset
+from streaming.base.format.mds.reader import MDSReader
+
+
+class MappedSamples:
+    """``MDSReader.get_sample_data`` for a local, uncompressed shard, through one read-only memory map of it.
+
+    Streaming opens, seeks, reads and closes the shard file for every sample: ~50 us of CPU per sample, most of a
+    CPU step's data cost and the ceiling of a loader worker feeding a fast GPU (~20k samples/s). The bytes, the
+    empty-read IndexError and the FileNotFoundError (Streaming's cue to prepare the shard) are the same; the map
+    is made at the first read in each process (a worker pickles the reader without it)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._map: mmap.mmap | None = None
+
+    def __call__(self, idx: int) -> bytes:
+        if self._map is None:
+            with open(self.path, "rb") as file:
+                self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        begin, end = struct.unpack_from("<II", self._map, (1 + idx) * 4)  # the shard's sample offset table
+        data = self._map[begin:end]
+        if not data:
+            raise IndexError(f"Relative sample index {idx} is not present in {self.path}.")
+        return data
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "_map": None}
 
 
 class TokenShards(StreamingDataset):
@@ -38,6 +67,11 @@ class TokenShards(StreamingDataset):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         TokenShards.live.add(self)
+        if all(stream.remote is None for stream in self.streams):  # local shards: never downloaded or evicted
+            for reader in self.shards:
+                if isinstance(reader, MDSReader) and reader.compression is None:
+                    reader.get_sample_data = MappedSamples(  # type: ignore[method-assign]
+                        os.path.join(reader.dirname, reader.split or "", reader.raw_data.basename))
 
     def get_item(self, idx: int) -> dict[str, Any]:
         return {"tokens": super().get_item(idx)["tokens"], "index": idx}

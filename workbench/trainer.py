@@ -14,10 +14,11 @@ adds one more read per batch.
 * ``_train_microbatches`` counts the batch on the host (all ranks' counts through a CPU gloo group when
   distributed) instead of a device all-reduce plus ``.item()``; the rest is Composer's code for the
   configurations the workbench uses (fixed microbatch size, no closures);
-* ``_train_batch`` keeps the per-step losses on the device (all-reduced there, divided by the world size in
-  float64, summed in float64: the same IEEE operations Composer does in Python) and reads them once per
-  ``log_interval`` batches, logging the interval's mean under Composer's keys (``loss/train/total``...). The
-  tidy rows of :class:`workbench.callbacks.TidyMetricsLogger` are therefore bit-identical to Composer's;
+* ``_train_batch`` keeps the per-step losses on the device (all-reduced there, no other operation per step) and
+  reads them once per ``log_interval`` batches; it divides them by the world size and sums them in Python, the
+  same IEEE operations Composer does per step, and logs the interval's mean under Composer's keys
+  (``loss/train/total``...). The tidy rows of :class:`workbench.callbacks.TidyMetricsLogger` are therefore
+  bit-identical to Composer's;
 * ``_accumulate_time_across_ranks`` keeps counts and batch time on the host;
 * ``_iter_dataloader`` agrees on the end of the data over ranks on the host (Composer all-reduces a device flag
   and reads it with ``.item()`` before every batch).
@@ -50,7 +51,7 @@ class WorkbenchTrainer(Trainer):
         if log_interval < 1:
             raise ValueError(f"log_interval must be >= 1, got {log_interval}")
         self._loss_log_interval = log_interval
-        self._loss_sums: dict[str, torch.Tensor] = {}
+        self._step_losses: dict[str, list[torch.Tensor]] = {}  # each step's losses, on the device
         self._loss_batches = 0
         self._host_group: Any = None
         super().__init__(*args, **kwargs)
@@ -66,11 +67,9 @@ class WorkbenchTrainer(Trainer):
         """Composer's batch, with the loss kept on the device; returns None so the loop skips its per-step
         ``loss.cpu().item()`` (the case Composer already handles for a skipped grad-scaler step)."""
         total_loss_dict = super()._train_batch(use_grad_scaling)
-        world = dist.get_world_size()
         for key, loss in total_loss_dict.items():
             dist.all_reduce(loss)  # as Composer's loop does (an asynchronous collective on NCCL)
-            value = loss.detach().reshape(()).double() / world
-            self._loss_sums[key] = self._loss_sums[key] + value if key in self._loss_sums else value
+            self._step_losses.setdefault(key, []).append(loss.detach())
         self._loss_batches += 1
         if (int(self.state.timestamp.batch) + 1) % self._loss_log_interval == 0:  # the counter moves on after this
             self._log_losses()
@@ -79,10 +78,15 @@ class WorkbenchTrainer(Trainer):
     def _log_losses(self) -> None:
         """One read of the interval's summed losses; their mean is logged under Composer's keys, so a logger that
         averages what it receives over the interval gets exactly the mean of Composer's per-step floats."""
-        keys = list(self._loss_sums)
-        sums = torch.stack([self._loss_sums[key] for key in keys]).tolist()  # the one device read per interval
-        means = {key: total / self._loss_batches for key, total in zip(keys, sums, strict=True)}
-        self._loss_sums, self._loss_batches = {}, 0
+        keys = list(self._step_losses)
+        values = torch.stack([loss.reshape(()) for key in keys for loss in self._step_losses[key]]).tolist()
+        world, means, start = dist.get_world_size(), {}, 0  # the one device read per interval is just above
+        for key in keys:
+            stop = start + len(self._step_losses[key])
+            # Composer's per-step float, loss.cpu().item() / world, summed in step order (Python floats: float64)
+            means[key] = sum(value / world for value in values[start:stop]) / self._loss_batches
+            start = stop
+        self._step_losses, self._loss_batches = {}, 0
         self.state.total_loss_dict = means
         self.logger.log_metrics(means)
 

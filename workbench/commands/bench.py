@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile both paths")
     parser.add_argument("--algorithms", action="store_true", help="also measure each algorithm's step overhead")
     parser.add_argument("--eval", action="store_true", help="also measure downstream-evaluation items/s")
+    parser.add_argument("--host-repeats", type=int, default=5,
+                        help="runs of each framework host-time measurement, the best reported (default 5)")
     parser.add_argument("--out", help="write the result as JSON here (e.g. results/bench/h100.json)")
 
 
@@ -30,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     gpu = device == "cuda"
     result = run_benchmark(args.shape or ("gpt2-1024" if gpu else "tiny"), device,
                            args.steps or (50 if gpu else 10), args.warmup if args.warmup is not None else
-                           (10 if gpu else 3), args.compile, args.algorithms, args.eval)
+                           (10 if gpu else 3), args.compile, args.algorithms, args.eval, args.host_repeats)
     print(format_table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
