@@ -62,3 +62,24 @@ def test_mapped_samples_are_streamings_bytes_and_errors(tiny_config, tmp_path):
     with pytest.raises(FileNotFoundError):  # Streaming's cue to prepare the shard
         MappedSamples(str(tmp_path / "missing.mds"))(0)
     assert len(list(spec.dataloader)) == 32
+
+
+def test_microbatches_copy_by_cloning_their_tensors(tiny_config, tmp_path):
+    """Composer deep-copies each microbatch (workbench.data.TokenBatch): the copy holds equal values in new storage."""
+    import copy
+
+    import torch
+
+    from datasets_prep.corpus import prepare
+    from workbench.data import TokenBatch, build_loader
+
+    prepared = prepare(tiny_config().data, log=lambda _: None)
+    spec = build_loader(prepared.train.path, 16, shuffle=True, seed=0, view=tmp_path / "view")
+    batch = spec.microbatch_transforms(next(iter(spec.dataloader)))
+    assert isinstance(batch, TokenBatch) and set(batch) == {"tokens", "index"}
+    copied = copy.deepcopy(batch)
+    assert isinstance(copied, TokenBatch)
+    for name in batch:
+        assert torch.equal(copied[name], batch[name]) and copied[name].data_ptr() != batch[name].data_ptr()
+    batch["tokens"].zero_()
+    assert copied["tokens"].any()

@@ -97,6 +97,19 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
             "index": np.array([s["index"] for s in samples], dtype=np.int64)}
 
 
+class TokenBatch(dict):
+    """A (micro)batch of tensors that copies itself by cloning them: Composer deep-copies every microbatch before its
+    forward pass (to keep it for train metrics), and ``copy.deepcopy`` of a dict of two small tensors costs ~45 us
+    of Python per step against ~3 us for the clones (the same values, in new storage, without autograd history,
+    as deepcopy gives batch tensors). Made by the DataSpec's ``microbatch_transforms``."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TokenBatch:
+        import copy  # anything an algorithm added that is not a tensor is deep-copied as usual
+
+        return TokenBatch({name: value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value, memo)
+                           for name, value in self.items()})
+
+
 class TokenLoader(StreamingDataLoader):
     """A StreamingDataLoader that yields ``{"tokens", "index"}`` int64 tensors.
 
@@ -172,7 +185,8 @@ def build_loader(path: str | Path, global_batch_size: int, shuffle: bool, seed: 
     loader = TokenLoader(dataset, batch_size=per_rank, collate_fn=collate, num_workers=num_workers,
                                  drop_last=False, persistent_workers=num_workers > 0,
                                  generator=torch.Generator().manual_seed(seed))
-    return DataSpec(loader, get_num_tokens_in_batch=tokens_in_batch, get_num_samples_in_batch=sequences_in_batch)
+    return DataSpec(loader, get_num_tokens_in_batch=tokens_in_batch, get_num_samples_in_batch=sequences_in_batch,
+                    microbatch_transforms=TokenBatch)
 
 
 def release_shared_memory(datasets: list[Any]) -> int:
