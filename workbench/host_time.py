@@ -145,30 +145,32 @@ def host_time_per_step(loop: str = "workbench", steps: int = 60, warmup: int = 1
             "host_ms": 1e3 * statistics.fmean(host), "host_median_ms": 1e3 * statistics.median(host)}
 
 
-def best_host_time(loop: str, num_workers: int, repeats: int, steps: int = 200) -> dict[str, Any]:
-    """:func:`host_time_per_step` run ``repeats`` times, each in a fresh process with one OpenMP thread; the run
-    with the least host time, with every run's in ``host_ms_runs``. A fresh process because what ran before in the
-    same one (the bench's 2-thread throughput runs leave OpenMP threads spinning on the other core) slowed it by up
-    to 40%; the least because on this shared 2-core machine a run's CPU time varies by +-30% with the host's load,
-    model and framework alike (timeit's convention: the least is the run least disturbed)."""
+def best_host_times(configs: list[tuple[str, int]], repeats: int, steps: int = 200) -> list[dict[str, Any]]:
+    """For each ``(loop, num_workers)``: :func:`host_time_per_step` run ``repeats`` times, each in a fresh process
+    with one OpenMP thread, the configurations taking turns; the run with the least host time, with every run's in
+    ``host_ms_runs``. A fresh process because what ran before in the same one (the bench's 2-thread throughput runs
+    leave OpenMP threads spinning on the other core) slowed it by up to 40%. Taking turns and the least because on
+    this shared 2-core machine the CPU's speed drifts by +-30% over minutes, model and framework alike: the least
+    is the run least disturbed (timeit's convention), and every configuration meets the same drift."""
     import json
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "workbench.host_time", loop, str(num_workers), str(steps)]
-    runs = []
+    runs: list[list[dict[str, Any]]] = [[] for _ in configs]
     for _ in range(max(1, repeats)):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"host-time run failed ({' '.join(command)}):\n{done.stderr[-2000:]}")
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    best = min(runs, key=lambda run: run["host_ms"])
-    return {**best, "host_ms_runs": [run["host_ms"] for run in runs]}
+        for index, (loop, num_workers) in enumerate(configs):
+            command = [sys.executable, "-m", "workbench.host_time", loop, str(num_workers), str(steps)]
+            done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"host-time run failed ({' '.join(command)}):\n{done.stderr[-2000:]}")
+            runs[index].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return [{**min(done, key=lambda run: run["host_ms"]), "host_ms_runs": [run["host_ms"] for run in done]}
+            for done in runs]
 
 
-if __name__ == "__main__":  # one measurement, as a JSON line (best_host_time runs it in a fresh process)
+if __name__ == "__main__":  # one measurement, as a JSON line (best_host_times runs it in a fresh process)
     import json
     import sys
     import warnings
