@@ -111,13 +111,11 @@ def _logs(paths: list[Path]) -> str:
 
 
 def _checkpointed(run_dir: Path) -> bool:
-    """The first checkpoint (batch 4) is on disk and so are the metric rows up to it. (The tidy logger flushes
-    after Composer's checkpoint saver in the same event: a kill between the two loses the rows since the last
-    flush, which the resumed run cannot recompute; the test kills after both.)"""
-    if not (run_dir / "checkpoints" / "latest-rank0.pt").exists() or not (run_dir / "metrics.parquet").exists():
-        return False
-    rows = read_metrics(run_dir / "metrics.parquet")
-    return rows is not None and 4 in rows.filter(pl.col("metric") == "loss")["step"].to_list()
+    """The first checkpoint (batch 4) is on disk. The metric rows up to it may not be: the tidy logger rewrites
+    metrics.parquet at evaluations and every few seconds, and the retry rebuilds what the file lacks from the
+    checkpoint (waiting for the rows here waited for the evaluation at the trial's last batch, and the victim could
+    finish its trial before the kill)."""
+    return (run_dir / "checkpoints" / "latest-rank0.pt").exists()
 
 
 def test_two_workers_share_a_postgres_study_and_retry_a_killed_trial(postgres_url, tmp_path, results_root, capsys):

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--algorithms", action="store_true", help="also measure each algorithm's step overhead")
     parser.add_argument("--eval", action="store_true", help="also measure downstream-evaluation items/s")
     parser.add_argument("--host-repeats", type=int, default=5,
-                        help="runs of each framework host-time measurement, the best reported (default 5)")
+                        help="runs of each framework host-time measurement, the best reported (default 5; 0 skips it)")
     parser.add_argument("--out", help="write the result as JSON here (e.g. results/bench/h100.json)")
 
 
