@@ -84,3 +84,22 @@ def test_metrics_file_is_rewritten_at_evaluations_and_every_few_seconds(tiny_con
     assert (len(writes) <= most) if every_s else (len(writes) >= most)
     frame = read_metrics(results_root / config.name / "metrics.parquet")
     assert frame.height == writes[-1] and frame.filter(pl.col("metric") == "loss").height == 40
+
+
+def test_a_failed_run_keeps_every_row_it_logged(tiny_config, tmp_path):
+    """Between evaluations the metrics file is rewritten only every few seconds; a run stopped by an exception or
+    Ctrl-C still writes the rows it logged (found by a hostile review: the file ended at the last evaluation)."""
+    from composer.core import Callback
+
+    class Interrupt(Callback):
+        def batch_end(self, state, logger) -> None:
+            if int(state.timestamp.batch) == 12:
+                raise KeyboardInterrupt("user pressed Ctrl-C")
+
+    config = tiny_config({"name": "interrupted", "trainer": {"max_duration": "2ep", "log_interval": 2,
+                                                             "checkpoint_interval": "1ep"}, "eval": {"interval": "1ep"}})
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run_dir=tmp_path / "run", extra_callbacks=[Interrupt()])
+    frame = read_metrics(tmp_path / "run" / "metrics.parquet")
+    # step 12 interrupted before the logger saw it (loggers run after callbacks at BATCH_END)
+    assert frame.filter(pl.col("metric") == "loss")["step"].to_list() == [2, 4, 6, 8, 10]

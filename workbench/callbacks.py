@@ -126,6 +126,11 @@ class TidyMetricsLogger(LoggerDestination):
     def fit_end(self, state: State, logger: Logger) -> None:
         self._flush()
 
+    def close(self, state: State, logger: Logger) -> None:
+        """The trainer is closing, also after an exception or Ctrl-C: the rows since the last rewrite (up to
+        ``flush_every_s`` of them, often the ones that show why a run failed) reach the file."""
+        self._flush()
+
     # helpers -----------------------------------------------------------------------------------------------
     def _row(self, split: str, metric: str, value: float, step: int | None = None, tokens: int | None = None) -> None:
         self.writer.add(**self._fields(split, metric, value, step, tokens))
