@@ -140,3 +140,93 @@ def test_composer_methods_mirrored_by_the_lean_engine_are_unchanged():
     digests = {(owner, name): hashlib.sha256(inspect.getsource(getattr(owner, name)).encode()).hexdigest()[:16]
                for owner, name in MIRRORED}
     assert digests == MIRRORED, "Composer changed code workbench/engine.py mirrors: re-read it, then update"
+
+
+# --- callbacks changed while events run (found by a hostile review) ------------------------------------------------
+def _dispatch(callbacks: list, algorithms: list, events: list[Event], lean: bool) -> None:
+    import torch
+    from composer.core import State
+    from composer.devices import DeviceCPU
+    from composer.loggers import Logger
+    from composer.models import ComposerClassifier
+
+    from workbench.engine import make_lean
+
+    loader = torch.utils.data.DataLoader([(torch.zeros(2), 0)])
+    state = State(model=ComposerClassifier(torch.nn.Linear(2, 2), num_classes=2), rank_zero_seed=0, run_name="x",
+                  device=DeviceCPU(), dataloader=loader, dataloader_label="train", max_duration="1ep",
+                  callbacks=callbacks, algorithms=algorithms)
+    engine = Engine(state, Logger(state))
+    if lean:
+        make_lean(engine)
+    for event in events:
+        engine.run_event(event)
+    engine.close()
+
+
+class Named(Callback):
+    def __init__(self, calls: list, name: str) -> None:
+        self.calls, self.name = calls, name
+
+    def batch_end(self, state, logger) -> None:
+        self.calls.append(self.name)
+
+
+class NamedLogger(LoggerDestination):
+    def __init__(self, calls: list, name: str) -> None:
+        super().__init__()
+        self.calls, self.name = calls, name
+
+    def batch_end(self, state, logger) -> None:
+        self.calls.append(self.name)
+
+
+def _added_by_an_algorithm(calls: list) -> tuple[list, list]:
+    from composer.core import Algorithm
+
+    class AddOnce(Algorithm):
+        added = False
+
+        def match(self, event, state) -> bool:
+            return event is Event.BATCH_END and not self.added
+
+        def apply(self, event, state, logger) -> None:
+            self.added = True
+            state.callbacks.append(Named(calls, "added"))
+
+    return [Named(calls, "first")], [AddOnce()]
+
+
+def _logger_removed_by_a_callback(calls: list) -> tuple[list, list]:
+    removed = NamedLogger(calls, "logger")
+
+    class Remove(Callback):
+        def batch_end(self, state, logger) -> None:
+            calls.append("remover")
+            if removed in state.callbacks:
+                state.callbacks.remove(removed)
+
+    return [Remove(), removed], []
+
+
+def _replaced_by_a_new_instance(calls: list) -> tuple[list, list]:
+    old = Named(calls, "old")
+
+    class Replace(Callback):
+        def batch_end(self, state, logger) -> None:
+            if old in state.callbacks:
+                state.callbacks[state.callbacks.index(old)] = Named(calls, "new")
+
+    return [Replace(), old], []
+
+
+@pytest.mark.parametrize("scenario", [_added_by_an_algorithm, _logger_removed_by_a_callback,
+                                      _replaced_by_a_new_instance])
+def test_callbacks_changed_during_an_event_are_dispatched_to_as_composer_does(scenario):
+    seen = {}
+    for lean in (False, True):
+        calls: list = []
+        callbacks, algorithms = scenario(calls)
+        _dispatch(callbacks, algorithms, [Event.BATCH_END, Event.BATCH_END], lean)
+        seen[lean] = calls
+    assert seen[True] == seen[False] and len(seen[False]) >= 2
