@@ -83,3 +83,37 @@ def test_microbatches_copy_by_cloning_their_tensors(tiny_config, tmp_path):
         assert torch.equal(copied[name], batch[name]) and copied[name].data_ptr() != batch[name].data_ptr()
     batch["tokens"].zero_()
     assert copied["tokens"].any()
+
+
+def test_microbatches_that_clones_would_not_copy_faithfully_are_deep_copied():
+    """A tensor with autograd history, one tensor under two keys, or views of one storage: deepcopy's result."""
+    import copy
+
+    import torch
+
+    from workbench.data import TokenBatch
+
+    weights = torch.ones(3, requires_grad=True)
+    copied = copy.deepcopy(TokenBatch({"tokens": torch.arange(6), "weights": weights}))
+    assert copied["weights"].is_leaf and copied["weights"].requires_grad and copied["weights"] is not weights
+    shared = torch.arange(6)
+    copied = copy.deepcopy(TokenBatch({"tokens": shared, "labels": shared}))
+    assert copied["tokens"] is copied["labels"] and copied["tokens"] is not shared
+    base = torch.arange(8)
+    copied = copy.deepcopy(TokenBatch({"inputs": base[:-1], "targets": base[1:]}))
+    assert copied["inputs"].untyped_storage().data_ptr() == copied["targets"].untyped_storage().data_ptr()
+    assert copied["inputs"].untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
+
+
+def test_released_datasets_unmap_their_shards(tiny_config, tmp_path):
+    from datasets_prep.corpus import prepare
+    from workbench.data import build_loader, release_shared_memory
+
+    prepared = prepare(tiny_config().data, log=lambda _: None)
+    spec = build_loader(prepared.train.path, 16, shuffle=False, seed=0, view=tmp_path / "view")
+    next(iter(spec.dataloader))
+    readers = list(spec.dataloader.dataset.shards)
+    assert any(reader.get_sample_data._map is not None for reader in readers)
+    release_shared_memory([spec.dataloader.dataset])
+    assert all(reader.get_sample_data._map is None for reader in readers)
+    assert readers[0].get_sample_data(0)  # maps again on the next read

@@ -96,8 +96,8 @@ def test_a_failed_run_keeps_every_row_it_logged(tiny_config, tmp_path):
             if int(state.timestamp.batch) == 12:
                 raise KeyboardInterrupt("user pressed Ctrl-C")
 
-    config = tiny_config({"name": "interrupted", "trainer": {"max_duration": "2ep", "log_interval": 2,
-                                                             "checkpoint_interval": "1ep"}, "eval": {"interval": "1ep"}})
+    config = tiny_config({"name": "interrupted", "eval": {"interval": "1ep"},
+                          "trainer": {"max_duration": "2ep", "log_interval": 2, "checkpoint_interval": "1ep"}})
     with pytest.raises(KeyboardInterrupt):
         train(config, run_dir=tmp_path / "run", extra_callbacks=[Interrupt()])
     frame = read_metrics(tmp_path / "run" / "metrics.parquet")

@@ -51,6 +51,12 @@ class MappedSamples:
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "_map": None}
 
+    def close(self) -> None:
+        """Unmap the shard (the map holds a file descriptor until then); a later read maps it again."""
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
 
 class TokenShards(StreamingDataset):
     """MDS shards of fixed-length token sequences -> ``{"tokens": int64 (L,), "index": int}``.
@@ -98,16 +104,20 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 class TokenBatch(dict):
-    """A (micro)batch of tensors that copies itself by cloning them: Composer deep-copies every microbatch before its
+    """A (micro)batch that deep-copies its tensors by cloning them: Composer deep-copies every microbatch before its
     forward pass (to keep it for train metrics), and ``copy.deepcopy`` of a dict of two small tensors costs ~45 us
-    of Python per step against ~3 us for the clones (the same values, in new storage, without autograd history,
-    as deepcopy gives batch tensors). Made by the DataSpec's ``microbatch_transforms``."""
+    of Python per step against ~3 us for the clones. A clone is what deepcopy gives for tensors without autograd
+    history that share no storage; any other batch (a tensor requiring grad, one tensor under two keys, views of
+    one storage, non-tensors) is deep-copied as usual. Made by the DataSpec's ``microbatch_transforms``."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> TokenBatch:
-        import copy  # anything an algorithm added that is not a tensor is deep-copied as usual
+        import copy
 
-        return TokenBatch({name: value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value, memo)
-                           for name, value in self.items()})
+        values = list(self.values())
+        if all(isinstance(value, torch.Tensor) and not value.requires_grad for value in values) and \
+                len({value.untyped_storage().data_ptr() for value in values}) == len(values):
+            return TokenBatch({name: value.clone() for name, value in self.items()})
+        return TokenBatch(copy.deepcopy(dict(self), memo))
 
 
 class TokenLoader(StreamingDataLoader):
@@ -190,7 +200,8 @@ def build_loader(path: str | Path, global_batch_size: int, shuffle: bool, seed: 
 
 
 def release_shared_memory(datasets: list[Any]) -> int:
-    """Close the shared-memory segments of finished StreamingDatasets; the number of segments closed.
+    """Close the shared-memory segments of finished StreamingDatasets (and unmap TokenShards' shards); the number of
+    segments closed.
 
     Streaming registers every segment's ``cleanup`` with ``atexit``, so a process that trains many runs in turn
     (a tune worker, the test suite) keeps each run's ~36 descriptors until it exits and eventually hits the
@@ -212,6 +223,9 @@ def release_shared_memory(datasets: list[Any]) -> int:
         if isinstance(dataset, StreamingDataset):
             for value in vars(dataset).values():
                 collect(value)
+            for reader in getattr(dataset, "shards", []):  # TokenShards' memory maps, one descriptor each
+                if isinstance(reader.__dict__.get("get_sample_data"), MappedSamples):
+                    reader.get_sample_data.close()
     gc.collect()  # numpy views of the segments' buffers must be gone before close()
     return close_segments(segments)
 

@@ -10,8 +10,8 @@ against sets of events with ``StringEnum.__eq__``, a Python function (~25 compar
 then non-logger callbacks, then loggers), with the same checks, and returns the same traces. The per-event work
 is cached, keyed on the identity of the callbacks in the list, so a callback added, removed or replaced later is
 seen. Composer's own ``run_event`` still runs ``INIT``, events given as strings, and everything while its profiler
-or ``ENGINE_DEBUG`` is on (their markers and messages stay exactly Composer's). tests/test_engine.py compares the two engines call
-for call and pins the Composer source this mirrors."""
+or ``ENGINE_DEBUG`` is on (their markers and messages stay exactly Composer's). tests/test_engine.py compares the
+two engines call for call and pins the Composer source this mirrors."""
 
 from __future__ import annotations
 
