@@ -153,3 +153,16 @@ def test_checkpoint_written_before_the_epoch_boundary_fix_resumes_exactly(tiny_c
     torch.save(payload, path)
     train(config, resume=True)
     assert _rows(run_dir).equals(straight)
+
+
+def test_resume_from_a_checkpoint_inside_a_log_interval_logs_the_whole_intervals_mean(tiny_config, results_root):
+    """Checkpoints every 5 batches, a train-loss row every 2: the row at step 6 averages steps 5 and 6, one before
+    the checkpoint and one after (found by a hostile review: the resumed run averaged step 6 alone)."""
+    settings = {"trainer": {"max_duration": "1ep", "log_interval": 2, "checkpoint_interval": "5ba"}}
+    straight = tiny_config({**settings, "name": "interval-straight"})
+    train(straight)
+    config = tiny_config({**settings, "name": "interval-resumed"})
+    resumed = _crash_and_resume(config, results_root, crash_at=8, checkpoint_batch=5)
+    expected = _rows(results_root / straight.name)
+    assert resumed.drop("value").equals(expected.drop("value"))
+    assert resumed["value"].to_list() == expected["value"].to_list()  # bit for bit

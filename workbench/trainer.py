@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 from composer import Trainer
-from composer.core import Batch, Event, TrainerMode
-from composer.utils import dist
+from composer.core import Batch, Callback, Event, TrainerMode
+from composer.utils import dist, ensure_tuple
 
 from workbench.engine import make_lean
 
@@ -54,6 +54,7 @@ class WorkbenchTrainer(Trainer):
         self._step_losses: dict[str, list[torch.Tensor]] = {}  # each step's losses, on the device
         self._loss_batches = 0
         self._host_group: Any = None
+        kwargs["callbacks"] = [*ensure_tuple(kwargs.get("callbacks")), PendingLosses(self)]
         super().__init__(*args, **kwargs)
         make_lean(self.engine)  # after __init__: INIT and the checkpoint load ran through Composer's own dispatch
 
@@ -177,3 +178,33 @@ class WorkbenchTrainer(Trainer):
             if self._host_sum([finished])[0] > 0:  # any rank finished: all stop
                 break
             yield batch
+
+
+class PendingLosses(Callback):
+    """The training losses of the log interval in progress, carried by every checkpoint.
+
+    A checkpoint can fall inside a log interval (an epoch's or a token count's last batch rarely ends one); without
+    these, the resumed run's first train-loss row would average only the steps after the checkpoint and differ
+    from the uninterrupted run's. Saved as floats (one device read per checkpoint), restored onto the device."""
+
+    def __init__(self, trainer: WorkbenchTrainer) -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        pending = self.trainer._step_losses
+        keys = list(pending)
+        values = torch.stack([loss.reshape(()) for key in keys for loss in pending[key]]).tolist() if keys else []
+        losses, start = {}, 0
+        for key in keys:
+            stop = start + len(pending[key])
+            losses[key] = {"values": values[start:stop], "dtype": str(pending[key][0].dtype).removeprefix("torch.")}
+            start = stop
+        return {"losses": losses, "batches": self.trainer._loss_batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = self.trainer.state.device
+        self.trainer._step_losses = {
+            key: [device.tensor_to_device(torch.tensor(value, dtype=getattr(torch, saved["dtype"])))
+                  for value in saved["values"]]
+            for key, saved in state["losses"].items()}
+        self.trainer._loss_batches = int(state["batches"])
