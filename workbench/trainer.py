@@ -23,6 +23,9 @@ adds one more read per batch.
 * ``_iter_dataloader`` agrees on the end of the data over ranks on the host (Composer all-reduces a device flag
   and reads it with ``.item()`` before every batch).
 
+Every checkpoint carries the losses of the log interval in progress (:class:`PendingLosses`, a callback the trainer
+adds), so a run resumed inside a log interval logs that interval's row as the uninterrupted run does.
+
 tests/test_host_sync.py counts the transfers of a CPU run and pins the Composer source these overrides mirror.
 """
 
@@ -185,26 +188,17 @@ class PendingLosses(Callback):
 
     A checkpoint can fall inside a log interval (an epoch's or a token count's last batch rarely ends one); without
     these, the resumed run's first train-loss row would average only the steps after the checkpoint and differ
-    from the uninterrupted run's. Saved as floats (one device read per checkpoint), restored onto the device."""
+    from the uninterrupted run's. The tensors travel in the checkpoint like the model's (no read of our own)."""
 
     def __init__(self, trainer: WorkbenchTrainer) -> None:
         self.trainer = trainer
 
     def state_dict(self) -> dict[str, Any]:
-        pending = self.trainer._step_losses
-        keys = list(pending)
-        values = torch.stack([loss.reshape(()) for key in keys for loss in pending[key]]).tolist() if keys else []
-        losses, start = {}, 0
-        for key in keys:
-            stop = start + len(pending[key])
-            losses[key] = {"values": values[start:stop], "dtype": str(pending[key][0].dtype).removeprefix("torch.")}
-            start = stop
-        return {"losses": losses, "batches": self.trainer._loss_batches}
+        return {"losses": {key: list(losses) for key, losses in self.trainer._step_losses.items()},
+                "batches": self.trainer._loss_batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.trainer.state.device
-        self.trainer._step_losses = {
-            key: [device.tensor_to_device(torch.tensor(value, dtype=getattr(torch, saved["dtype"])))
-                  for value in saved["values"]]
-            for key, saved in state["losses"].items()}
+        self.trainer._step_losses = {key: [device.tensor_to_device(loss) for loss in losses]
+                                     for key, losses in state["losses"].items()}
         self.trainer._loss_batches = int(state["batches"])
